@@ -81,8 +81,8 @@ def gramian(jac: TensorDictBase) -> Gramian:
         flat = term if flat is None else flat + term
     assert flat is not None  # _check_jacobian guarantees a leaf
     k = len(loss_shape)
-    squared = flat.reshape(*loss_shape, *loss_shape)
-    return squared.permute(*range(k), *reversed(range(k, 2 * k)))
+    squared = flat.reshape((*loss_shape, *loss_shape))
+    return squared.permute((*range(k), *reversed(range(k, 2 * k))))
 
 
 def _loss_shape_of(generalized: Tensor) -> torch.Size:
@@ -128,7 +128,7 @@ def flatten_gramian(generalized: Gramian) -> Gramian:
     loss_shape = _loss_shape_of(generalized)
     k = len(loss_shape)
     n_rows = loss_shape.numel()
-    unreversed = generalized.permute(*range(k), *reversed(range(k, 2 * k)))
+    unreversed = generalized.permute((*range(k), *reversed(range(k, 2 * k))))
     return unreversed.reshape(n_rows, n_rows)
 
 

@@ -136,9 +136,11 @@ def _value_and_rows(
         output, aux = _split_aux(result, has_aux, "`fn`")
         return _check_output(output, "`fn`"), aux
 
-    output, vjp_fn, aux = cast(tuple[Tensor, VjpFn, Any], vjp(fn_of_leaves, *tensors, has_aux=True))
+    output, vjp_fn, aux = cast(
+        "tuple[Tensor, VjpFn, Any]", vjp(fn_of_leaves, *tensors, has_aux=True)
+    )
     rows = _vjp_rows(vjp_fn, output, chunk_size)
-    shaped = tuple(row.reshape(*output.shape, *row.shape[1:]) for row in rows)
+    shaped = tuple(row.reshape((*output.shape, *row.shape[1:])) for row in rows)
     return output, shaped, aux
 
 
@@ -472,7 +474,7 @@ def mtl_jacobian(
         return feats[0] if single_feature[0] else tuple(feats)
 
     features, trunk_vjp = cast(
-        tuple[tuple[Tensor, ...], VjpFn], vjp(trunk_of_leaves, *shared_leaves.values())
+        "tuple[tuple[Tensor, ...], VjpFn]", vjp(trunk_of_leaves, *shared_leaves.values())
     )
     n_heads = len(head_keys)
 
@@ -482,7 +484,7 @@ def mtl_jacobian(
         return _check_output(losses, "`heads_fn`")
 
     losses, heads_vjp = cast(
-        tuple[Tensor, VjpFn], vjp(heads_of_leaves, *head_leaves.values(), *features)
+        "tuple[Tensor, VjpFn]", vjp(heads_of_leaves, *head_leaves.values(), *features)
     )
     head_rows = _vjp_rows(heads_vjp, losses, chunk_size)
     feature_rows = head_rows[n_heads:]
@@ -494,7 +496,7 @@ def mtl_jacobian(
         shared_rows = tuple(torch.stack(col) for col in zip(*per_row, strict=True))
     else:
         shared_rows = vmap(trunk_vjp, chunk_size=chunk_size)(feature_rows)
-    shaped = [row.reshape(*losses.shape, *row.shape[1:]) for row in shared_rows]
+    shaped = [row.reshape((*losses.shape, *row.shape[1:])) for row in shared_rows]
     return MTLJacobian(
         losses, _to_jacobian(shared_keys, shaped, losses.shape), head_grads, as_returned(features)
     )

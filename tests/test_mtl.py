@@ -1,0 +1,153 @@
+"""``mtl_jacobian`` against the full Jacobian and autograd's head gradients."""
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torch import Tensor, nn
+
+from tests.architectures import reference_jacobian
+from tests.settings import DEVICE
+from tests.utils import assert_close, assert_leaves_close
+from torchjd_func import call, mtl_jacobian, params_of
+
+N_TASKS = 3
+
+
+class MTLModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4), nn.Tanh())
+        self.heads = nn.ModuleList([nn.Linear(4, 1) for _ in range(N_TASKS)])
+
+    def losses(self, x: Tensor, y: Tensor) -> Tensor:
+        features = self.trunk(x)
+        return torch.stack(
+            [
+                (head(features).squeeze(1) - y[:, i]).pow(2).mean()
+                for i, head in enumerate(self.heads)
+            ]
+        )
+
+
+def _functional(model: MTLModel) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    def trunk_fn(params: TensorDict, x: Tensor) -> Tensor:
+        return call(model.trunk, params, x)
+
+    def heads_fn(params: TensorDict, features: Tensor, y: Tensor) -> Tensor:
+        return torch.stack(
+            [
+                (call(head, params[str(i)], features).squeeze(1) - y[:, i]).pow(2).mean()
+                for i, head in enumerate(model.heads)
+            ]
+        )
+
+    return trunk_fn, heads_fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 3, 8])
+def test_mtl_jacobian_matches_full_jacobian_and_head_grads(
+    chunk_size: int | None, dtype: torch.dtype
+) -> None:
+    model = MTLModel().to(device=DEVICE, dtype=dtype)
+    x = torch.randn(10, 6, device=DEVICE, dtype=dtype)
+    y = torch.randn(10, N_TASKS, device=DEVICE, dtype=dtype)
+    losses = model.losses(x, y)
+    full = reference_jacobian(model, losses)
+    trunk_fn, heads_fn = _functional(model)
+
+    out = mtl_jacobian(
+        trunk_fn,
+        heads_fn,
+        params_of(model.trunk),
+        params_of(model.heads),
+        (x,),
+        (y,),
+        chunk_size=chunk_size,
+    )
+
+    assert_close(out.losses, losses.detach())
+    shared = {k.removeprefix("trunk."): v for k, v in full.items() if k.startswith("trunk.")}
+    assert_leaves_close(out.jacobian, shared)
+    # Each head's gradient is its own task's gradient: row i of the full Jacobian.
+    head_grads = {
+        k.removeprefix("heads."): v[int(k.split(".")[1])]
+        for k, v in full.items()
+        if k.startswith("heads.")
+    }
+    assert_leaves_close(out.head_grads, head_grads)
+    assert isinstance(out.features, Tensor)
+    assert_close(out.features, model.trunk(x).detach())
+
+
+def test_several_features_and_per_task_functions() -> None:
+    torch.manual_seed(0)
+    trunk = nn.Linear(5, 6).to(DEVICE, torch.float64)
+    head_a, head_b = nn.Linear(3, 1), nn.Linear(6, 1)
+    head_a, head_b = head_a.to(DEVICE, torch.float64), head_b.to(DEVICE, torch.float64)
+    x = torch.randn(7, 5, device=DEVICE, dtype=torch.float64)
+
+    def split_features(out: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.tanh(out[:, :3]), torch.sin(out)
+
+    features = split_features(trunk(x))
+    losses = torch.stack([head_a(features[0]).pow(2).mean(), head_b(features[1]).abs().mean()])
+    expected = reference_jacobian(trunk, losses)
+
+    def task_a(params: TensorDict, feats: tuple[Tensor, Tensor]) -> Tensor:
+        return call(head_a, params["a"], feats[0]).pow(2).mean()
+
+    def task_b(params: TensorDict, feats: tuple[Tensor, Tensor]) -> Tensor:
+        return call(head_b, params["b"], feats[1]).abs().mean()
+
+    out = mtl_jacobian(
+        lambda p, x: split_features(call(trunk, p, x)),
+        [task_a, task_b],
+        params_of(trunk),
+        TensorDict({"a": params_of(head_a), "b": params_of(head_b)}),
+        (x,),
+    )
+
+    assert_leaves_close(out.jacobian, expected)
+    assert isinstance(out.features, tuple)
+    assert len(out.features) == 2
+    grad_a = torch.autograd.grad(losses[0], head_a.weight, retain_graph=True)[0]
+    torch.testing.assert_close(out.head_grads["a", "weight"], grad_a)
+
+
+def test_head_param_shared_by_two_tasks_gets_the_sum() -> None:
+    trunk = nn.Linear(4, 3).to(DEVICE)
+    shared_head = nn.Linear(3, 1).to(DEVICE)
+    x = torch.randn(6, 4, device=DEVICE)
+    features = trunk(x)
+    losses = torch.stack([shared_head(features).mean(), shared_head(features).pow(2).mean()])
+    expected = torch.autograd.grad(losses.sum(), shared_head.weight)[0]
+
+    def heads_fn(params: TensorDict, feats: Tensor) -> Tensor:
+        out = call(shared_head, params, feats)
+        return torch.stack([out.mean(), out.pow(2).mean()])
+
+    result = mtl_jacobian(
+        lambda p, x: call(trunk, p, x), heads_fn, params_of(trunk), params_of(shared_head), (x,)
+    )
+
+    torch.testing.assert_close(result.head_grads["weight"], expected)
+
+
+def test_heads_without_params() -> None:
+    trunk = nn.Linear(4, 2).to(DEVICE)
+    x = torch.randn(5, 4, device=DEVICE)
+    expected = reference_jacobian(trunk, trunk(x).pow(2).mean(0))
+
+    out = mtl_jacobian(
+        lambda p, x: call(trunk, p, x),
+        lambda p, f: f.pow(2).mean(0),
+        params_of(trunk),
+        TensorDict(),
+        (x,),
+    )
+
+    assert_leaves_close(out.jacobian, expected)
+    assert len(list(out.head_grads.keys())) == 0

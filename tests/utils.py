@@ -1,0 +1,36 @@
+"""Helpers shared by the tests."""
+
+import torch
+from tensordict import TensorDictBase
+from torch import Tensor
+
+TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-9, 1e-11)}
+"""(rtol, atol) by dtype."""
+
+
+def assert_close(actual: Tensor, expected: Tensor) -> None:
+    """``torch.testing.assert_close`` with a tolerance set by the expected dtype."""
+    rtol, atol = TOLERANCES.get(expected.dtype, (1e-4, 1e-5))
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def dotted_leaves(td: TensorDictBase) -> dict[str, Tensor]:
+    """The leaves of a TensorDict keyed like ``named_parameters`` (``"0.weight"``)."""
+    out: dict[str, Tensor] = {}
+    for key, value in td.items(include_nested=True, leaves_only=True):
+        nested: object = key
+        name = ".".join(nested) if isinstance(nested, tuple) else str(nested)
+        assert isinstance(value, Tensor)
+        out[name] = value
+    return out
+
+
+def assert_leaves_close(actual: TensorDictBase, expected: dict[str, Tensor]) -> None:
+    """Same names, shapes, dtypes and values (tolerance by dtype)."""
+    found = dotted_leaves(actual)
+    assert list(found) == list(expected)
+    for name, value in found.items():
+        reference = expected[name]
+        assert value.shape == reference.shape, name
+        assert value.dtype == reference.dtype, name
+        assert_close(value, reference)
