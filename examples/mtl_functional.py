@@ -1,15 +1,16 @@
 """Functional multi-task training with torchjd_func.
 
-A shared trunk and two regression heads are trained on two tasks. Each step computes, in one
-forward pass, the Jacobian of the two task losses with respect to the trunk (through the features)
-and each head's own gradient (`mtl_jacobian`), turns the Jacobian into one update direction with a
-weighting of its Gramian, and applies plain SGD to the parameter TensorDicts. Nothing is mutated:
-parameters are values passed in and returned.
+A shared trunk and two regression heads are trained on two conflicting tasks. Each step computes,
+in one forward pass, the Jacobian of the two task losses with respect to the trunk (through the
+features) and each head's own gradient (`mtl_jacobian`), turns the Jacobian into one update
+direction with UPGrad (a pure weighting of its Gramian), and applies plain SGD to the parameter
+TensorDicts. Nothing is mutated: parameters are values passed in and returned.
 
-The weighting here is the mean of the task gradients; the aggregation module replaces it with
-conflict-aware weightings such as UPGrad.
+At every step the example also computes what the mean of the task gradients would have done and
+prints, for both, ``J @ update``: the first-order decrease of each task's loss along the update.
+The mean's can be negative (the step increases a task's loss); UPGrad's never is.
 
-Run: ``python examples/mtl_functional.py [--steps N]``
+Run: ``python examples/mtl_functional.py [--steps N] [--weighting upgrad|mean]``
 """
 
 import argparse
@@ -19,6 +20,9 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from torchjd_func import call, combine, gramian, mtl_jacobian, params_of
+from torchjd_func.aggregation import PureWeighting, mean, upgrad
+
+WEIGHTINGS: dict[str, PureWeighting] = {"upgrad": upgrad(), "mean": mean()}
 
 trunk = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU())
 heads = nn.ModuleDict({"task1": nn.Linear(8, 1), "task2": nn.Linear(8, 1)})
@@ -35,20 +39,29 @@ def heads_fn(params: TensorDict, features: Tensor, y1: Tensor, y2: Tensor) -> Te
     return torch.stack([(out1 - y1).pow(2).mean(), (out2 - y2).pow(2).mean()])
 
 
-def mean_weights(gramian_: Tensor) -> Tensor:
-    """The mean weighting: ``1/m`` for each of the ``m`` losses (uses only the Gramian's size)."""
-    m = gramian_.shape[0]
-    return torch.full((m,), 1.0 / m, dtype=gramian_.dtype, device=gramian_.device)
-
-
 def step(
-    shared: TensorDict, head: TensorDict, x: Tensor, y1: Tensor, y2: Tensor, lr: float
-) -> tuple[TensorDict, TensorDict, Tensor, Tensor]:
-    """One Jacobian-descent step; returns new params, the losses and the Gramian."""
+    shared: TensorDict,
+    head: TensorDict,
+    x: Tensor,
+    y1: Tensor,
+    y2: Tensor,
+    lr: float,
+    weighting: PureWeighting,
+) -> tuple[TensorDict, TensorDict, Tensor, dict[str, Tensor]]:
+    """One Jacobian-descent step.
+
+    Returns the new params, the losses, and ``J @ update`` per task for every weighting of
+    ``WEIGHTINGS`` (the first-order decrease of each loss along that weighting's update).
+    """
     out = mtl_jacobian(trunk_fn, heads_fn, shared, head, (x,), (y1, y2))
     gram = gramian(out.jacobian)  # [2, 2]: inner products of the task gradients
-    update = combine(out.jacobian, mean_weights(gram))
-    return shared - lr * update, head - lr * out.head_grads, out.losses, gram
+    decreases = {}
+    for name, candidate in WEIGHTINGS.items():
+        candidate_weights, _ = candidate.update(gram, candidate.init(2))
+        decreases[name] = gram @ candidate_weights  # = J @ (Jᵀ w), without forming J
+    weights, _ = weighting.update(gram, weighting.init(2))  # both weightings are stateless
+    update = combine(out.jacobian, weights)
+    return shared - lr * update, head - lr * out.head_grads, out.losses, decreases
 
 
 def make_data(n_batches: int, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -61,22 +74,35 @@ def make_data(n_batches: int, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
     return x, y1, y2
 
 
-def main(steps: int = 200, lr: float = 0.05) -> list[list[float]]:
-    """Trains for ``steps`` steps and returns the per-task losses of every step."""
+def main(steps: int = 200, lr: float = 0.05, weighting: str = "upgrad") -> dict[str, Tensor]:
+    """Trains for ``steps`` steps with the given weighting.
+
+    Returns the per-task losses ``[steps, 2]`` and, for every weighting, ``J @ update``
+    ``[steps, 2]`` at every step.
+    """
     torch.manual_seed(0)
     shared, head = params_of(trunk), params_of(heads)
     x, y1, y2 = make_data(n_batches=8, batch_size=32)
-    history: list[list[float]] = []
+    losses_history, decreases_history = [], []
+    print("step   task losses        J @ update (UPGrad)    J @ update (mean)")
     for i in range(steps):
         b = i % x.shape[0]
-        shared, head, losses, gram = step(shared, head, x[b], y1[b], y2[b], lr)
-        history.append(losses.tolist())
-        if i % 50 == 0 or i == steps - 1:
-            cosine = gram[0, 1] / (gram[0, 0] * gram[1, 1]).sqrt()
+        shared, head, losses, decreases = step(
+            shared, head, x[b], y1[b], y2[b], lr, WEIGHTINGS[weighting]
+        )
+        losses_history.append(losses)
+        decreases_history.append(decreases)
+        if i % 25 == 0 or i == steps - 1:
+            up, mn = decreases["upgrad"].tolist(), decreases["mean"].tolist()
             print(
-                f"step {i:4d}  task losses {losses[0].item():7.4f} {losses[1].item():7.4f}"
-                f"  cos(g1, g2) {cosine.item():+.3f}"
+                f"{i:4d}   {losses[0].item():7.4f} {losses[1].item():7.4f}"
+                f"   {up[0]:+9.4f} {up[1]:+9.4f}   {mn[0]:+9.4f} {mn[1]:+9.4f}"
             )
+    history = {"losses": torch.stack(losses_history)}
+    for name in WEIGHTINGS:
+        history[name] = torch.stack([d[name] for d in decreases_history])
+        increases = int((history[name] < 0).any(dim=1).sum())
+        print(f"steps where {name}'s update increases a task's loss to first order: {increases}")
     return history
 
 
@@ -84,5 +110,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--weighting", choices=sorted(WEIGHTINGS), default="upgrad")
     arguments = parser.parse_args()
-    main(arguments.steps, arguments.lr)
+    main(arguments.steps, arguments.lr, arguments.weighting)

@@ -10,12 +10,16 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def test_mtl_functional_trains_both_tasks() -> None:
+def test_mtl_functional_trains_both_tasks_without_conflict() -> None:
     module = runpy.run_path(str(EXAMPLES / "mtl_functional.py"), run_name="example")
-    history = module["main"](steps=80)
-    first, last = history[0], history[-8:]
-    for task in range(2):
-        assert sum(losses[task] for losses in last) / len(last) < first[task]
+    history = module["main"](steps=120)
+    losses = history["losses"]
+    assert (losses[-8:].mean(dim=0) < losses[0]).all()
+    # What the example claims: UPGrad's update never increases a task's loss to first order,
+    # the mean's sometimes does.
+    upgrad, mean = history["upgrad"], history["mean"]
+    assert (upgrad >= -1e-5 * upgrad.abs().max()).all()
+    assert (mean < 0).any()
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))

@@ -1,0 +1,111 @@
+"""One registry of every weighting, with the properties it claims, and the matrices to test on.
+
+The shared suite in ``test_weightings.py`` checks each entry for the properties it declares
+(optax's ``_OPTIMIZERS_UNDER_TEST``, TorchJD's per-aggregator property lists).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tests.settings import DEVICE, DTYPE
+from torchjd_func.aggregation import (
+    PureWeighting,
+    constant,
+    dualproj,
+    gradvac,
+    mean,
+    mgda,
+    pcgrad,
+    random_,
+    sum_,
+    upgrad,
+)
+
+NON_CONFLICTING = "non_conflicting"
+"""``J A(J) ≥ 0``: the update conflicts with no row."""
+PERMUTATION_INVARIANT = "permutation_invariant"
+"""Permuting the rows of ``J`` does not change ``A(J)``."""
+LINEAR_UNDER_SCALING = "linear_under_scaling"
+"""``A(diag(αc₁ + βc₂) J) = α A(diag(c₁) J) + β A(diag(c₂) J)`` for positive ``c``, α, β."""
+SIMPLEX = "simplex"
+"""Weights are non-negative and sum to 1."""
+STATEFUL = "stateful"
+"""The state changes across calls."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    make: Callable[[int], PureWeighting]
+    """Builds the weighting for ``m`` losses (Constant needs ``m``)."""
+    properties: frozenset[str]
+    linearity_tol: float = 1e-4
+    """Relative tolerance of the linearity check (UPGrad is linear only up to ``reg_eps``)."""
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _pref(m: int) -> Tensor:
+    return torch.arange(1, m + 1, dtype=DTYPE, device=DEVICE)
+
+
+REGISTRY = [
+    Entry(
+        "mean",
+        lambda m: mean(),
+        frozenset({PERMUTATION_INVARIANT, LINEAR_UNDER_SCALING}),
+    ),
+    Entry("sum", lambda m: sum_(), frozenset({PERMUTATION_INVARIANT, LINEAR_UNDER_SCALING})),
+    Entry("constant", lambda m: constant(_pref(m)), frozenset({LINEAR_UNDER_SCALING})),
+    Entry("random", lambda m: random_(seed=3), frozenset({STATEFUL, SIMPLEX})),
+    Entry(
+        "upgrad",
+        lambda m: upgrad(),
+        frozenset({NON_CONFLICTING, PERMUTATION_INVARIANT, LINEAR_UNDER_SCALING}),
+        linearity_tol=6e-2,
+    ),
+    Entry("upgrad_pref", lambda m: upgrad(_pref(m)), frozenset({NON_CONFLICTING})),
+    Entry("dualproj", lambda m: dualproj(), frozenset({NON_CONFLICTING, PERMUTATION_INVARIANT})),
+    Entry("dualproj_pref", lambda m: dualproj(_pref(m)), frozenset({NON_CONFLICTING})),
+    Entry(
+        "mgda",
+        lambda m: mgda(),
+        frozenset({NON_CONFLICTING, PERMUTATION_INVARIANT, SIMPLEX}),
+    ),
+    Entry("pcgrad", lambda m: pcgrad(seed=1), frozenset({STATEFUL})),
+    Entry("gradvac", lambda m: gradvac(seed=2), frozenset({STATEFUL})),
+]
+
+
+def _low_rank(m: int, n: int, rank: int, generator: torch.Generator) -> Tensor:
+    """``U[:, :r] diag(s) V[:r]`` with random orthonormal U, V (TorchJD's NormalSampler)."""
+    u, _ = torch.linalg.qr(torch.randn(m, m, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    s = torch.randn(rank, generator=generator, dtype=torch.float64).abs() + 0.1
+    return (u[:, :rank] * s) @ v[:, :rank].T
+
+
+def _matrices() -> list[tuple[str, Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    dims = [(1, 1, 1), (4, 3, 1), (4, 3, 2), (4, 3, 3), (9, 11, 5), (9, 11, 9)]
+    normal = [(f"normal{d}", _low_rank(*d, generator)) for d in dims]
+    zero = [(f"zero{(m, n)}", torch.zeros(m, n, dtype=torch.float64)) for m, n in [(1, 1), (4, 3)]]
+    conflicting = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64)
+    colinear = torch.randn(1, 7, generator=generator, dtype=torch.float64).repeat(5, 1)
+    colinear = colinear * torch.tensor([[1.0], [2.0], [-1.0], [0.5], [1.0 + 1e-6]])
+    return [*normal, *zero, ("J_base", conflicting), ("colinear", colinear)]
+
+
+MATRICES = [(name, matrix.to(dtype=DTYPE, device=DEVICE)) for name, matrix in _matrices()]
+"""Typical inputs: low-rank, zero, conflicting and (anti-)colinear matrices."""
+
+SCALED = [
+    (f"{name}x{scale:g}", matrix * scale)
+    for name, matrix in MATRICES[:6]
+    for scale in [0.0, 1e-10, 1e3, 1e5, 1e10, 1e15]
+]
+"""The typical inputs scaled from 0 to 1e15 (the Gramian then reaches 1e30)."""

@@ -1,0 +1,128 @@
+"""Aggregation: weightings of Gramians as pure functions, and the class-style aggregators.
+
+Every weighting exists in three forms:
+
+* a pure, batched kernel ``<name>_weights(gramian [..., m, m], ...) -> weights [..., m]``;
+* a :class:`PureWeighting` ``(init, update)`` pair from a factory (``upgrad()``, ``gradvac()``,
+  ...), whose state (a NamedTuple of tensors, ``EmptyState()`` when stateless) is passed in and
+  returned; :func:`aggregate` and :func:`aggregate_groups` apply it to Jacobian TensorDicts;
+* class-style objects with TorchJD's names (``UPGradWeighting`` maps ``[m, m] -> [m]``, ``UPGrad``
+  maps ``[m, n] -> [n]``) that hold their state explicitly in a ``state`` attribute.
+
+Example:
+    >>> import torch
+    >>> from torchjd_func.aggregation import UPGrad, upgrad_weights
+    >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+    >>> upgrad_weights(J @ J.T)
+    tensor([1.1109, 0.7894])
+    >>> UPGrad()(J)
+    tensor([0.2929, 1.9004, 1.9004])
+"""
+
+from torchjd_func.aggregation._aggregate import (
+    Aggregation,
+    GroupAggregation,
+    aggregate,
+    aggregate_groups,
+    init_group_states,
+)
+from torchjd_func.aggregation._base import (
+    Aggregator,
+    EmptyState,
+    GramianWeightedAggregator,
+    InitFn,
+    PureWeighting,
+    UpdateFn,
+    Weighting,
+    stateless,
+)
+from torchjd_func.aggregation._constant import (
+    Constant,
+    ConstantWeighting,
+    constant,
+    constant_weights,
+)
+from torchjd_func.aggregation._dualproj import (
+    DualProj,
+    DualProjWeighting,
+    dualproj,
+    dualproj_weights,
+)
+from torchjd_func.aggregation._flattening import Flattening
+from torchjd_func.aggregation._gradvac import (
+    GradVac,
+    GradVacState,
+    GradVacWeighting,
+    PCGrad,
+    PCGradWeighting,
+    gradvac,
+    gradvac_weights,
+    pcgrad,
+    pcgrad_weights,
+)
+from torchjd_func.aggregation._mean import Mean, MeanWeighting, mean, mean_weights
+from torchjd_func.aggregation._mgda import MGDA, MGDAWeighting, mgda, mgda_weights
+from torchjd_func.aggregation._random import (
+    Random,
+    RandomState,
+    RandomWeighting,
+    random_,
+    random_weights,
+)
+from torchjd_func.aggregation._sum import Sum, SumWeighting, sum_, sum_weights
+from torchjd_func.aggregation._upgrad import UPGrad, UPGradWeighting, upgrad, upgrad_weights
+
+__all__ = [
+    "MGDA",
+    "Aggregation",
+    "Aggregator",
+    "Constant",
+    "ConstantWeighting",
+    "DualProj",
+    "DualProjWeighting",
+    "EmptyState",
+    "Flattening",
+    "GradVac",
+    "GradVacState",
+    "GradVacWeighting",
+    "GramianWeightedAggregator",
+    "GroupAggregation",
+    "InitFn",
+    "MGDAWeighting",
+    "Mean",
+    "MeanWeighting",
+    "PCGrad",
+    "PCGradWeighting",
+    "PureWeighting",
+    "Random",
+    "RandomState",
+    "RandomWeighting",
+    "Sum",
+    "SumWeighting",
+    "UPGrad",
+    "UPGradWeighting",
+    "UpdateFn",
+    "Weighting",
+    "aggregate",
+    "aggregate_groups",
+    "constant",
+    "constant_weights",
+    "dualproj",
+    "dualproj_weights",
+    "gradvac",
+    "gradvac_weights",
+    "init_group_states",
+    "mean",
+    "mean_weights",
+    "mgda",
+    "mgda_weights",
+    "pcgrad",
+    "pcgrad_weights",
+    "random_",
+    "random_weights",
+    "stateless",
+    "sum_",
+    "sum_weights",
+    "upgrad",
+    "upgrad_weights",
+]

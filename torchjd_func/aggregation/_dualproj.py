@@ -1,0 +1,126 @@
+"""DualProj: the projection of the preferred combination onto the dual cone of the gradients.
+
+Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017,
+https://arxiv.org/abs/1706.08840, eq. 11:
+
+.. math::
+
+    A(J) = \\pi_J(J^\\top u), \\qquad w = \\arg\\min_{v \\ge u} v^\\top G v,
+
+with ``u`` the preference vector (``1/m`` by default), and the same trace normalisation and
+``reg_eps`` regularisation as UPGrad.
+"""
+
+from torch import Tensor
+
+from torchjd_func._qp import dualproj_weights as _dualproj_weights
+from torchjd_func.aggregation._base import (
+    GramianWeightedAggregator,
+    PureWeighting,
+    Weighting,
+    check_gramian,
+    stateless,
+)
+from torchjd_func.aggregation._constant import check_vector
+from torchjd_func.aggregation._upgrad import check_eps, check_pref
+
+__all__ = ["DualProj", "DualProjWeighting", "dualproj", "dualproj_weights"]
+
+
+def dualproj_weights(
+    gramian: Tensor,
+    pref_vector: Tensor | None = None,
+    *,
+    norm_eps: float = 1e-4,
+    reg_eps: float = 1e-4,
+) -> Tensor:
+    """DualProj's weights ``argmin vᵀGv s.t. v ≥ u``, batched.
+
+    Args:
+        gramian: PSD Gramians ``[..., m, m]``.
+        pref_vector: Preferences ``u`` ``[m]`` (not normalised); ``None`` means ``1/m``.
+        norm_eps: Gramians with a trace below this are treated as zero.
+        reg_eps: Added to the diagonal of the trace-normalised Gramian.
+
+    Returns:
+        Weights ``[..., m]`` in the dtype and on the device of ``gramian``.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import dualproj_weights
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> dualproj_weights(J @ J.T)
+        tensor([0.6109, 0.5000])
+    """
+    check_gramian(gramian)
+    pref = check_pref(gramian, pref_vector)
+    return _dualproj_weights(gramian, pref, norm_eps=norm_eps, reg_eps=reg_eps)
+
+
+def dualproj(
+    pref_vector: Tensor | None = None, *, norm_eps: float = 1e-4, reg_eps: float = 1e-4
+) -> PureWeighting:
+    """DualProj as a stateless :class:`PureWeighting`; see :func:`dualproj_weights`.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import dualproj
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> dualproj().update(J @ J.T, dualproj().init(2))[0]
+        tensor([0.6109, 0.5000])
+    """
+    if pref_vector is not None:
+        check_vector(pref_vector, "pref_vector")
+    norm = check_eps(norm_eps, "norm_eps")
+    reg = check_eps(reg_eps, "reg_eps")
+    return stateless(
+        lambda gramian: dualproj_weights(gramian, pref_vector, norm_eps=norm, reg_eps=reg)
+    )
+
+
+class DualProjWeighting(Weighting):
+    """Weighting of :func:`dualproj_weights`.
+
+    Args:
+        pref_vector: Preferences ``[m]`` (not normalised); ``None`` means the mean, ``1/m``.
+        norm_eps: Gramians with a trace below this are treated as zero.
+        reg_eps: Added to the diagonal of the trace-normalised Gramian.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import DualProjWeighting
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> DualProjWeighting()(J @ J.T)
+        tensor([0.6109, 0.5000])
+    """
+
+    def __init__(
+        self, pref_vector: Tensor | None = None, norm_eps: float = 1e-4, reg_eps: float = 1e-4
+    ) -> None:
+        super().__init__(
+            dualproj(pref_vector, norm_eps=norm_eps, reg_eps=reg_eps),
+            pref_vector=pref_vector,
+            norm_eps=norm_eps,
+            reg_eps=reg_eps,
+        )
+
+
+class DualProj(GramianWeightedAggregator):
+    """Aggregator ``A(J) = π_J(Jᵀu)``: the preferred combination, projected to conflict with no row.
+
+    Args:
+        pref_vector: Preferences ``[m]`` (not normalised); ``None`` means the mean, ``1/m``.
+        norm_eps: Gramians with a trace below this are treated as zero.
+        reg_eps: Added to the diagonal of the trace-normalised Gramian.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import DualProj
+        >>> DualProj()(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+        tensor([0.5563, 1.1109, 1.1109])
+    """
+
+    def __init__(
+        self, pref_vector: Tensor | None = None, norm_eps: float = 1e-4, reg_eps: float = 1e-4
+    ) -> None:
+        super().__init__(DualProjWeighting(pref_vector, norm_eps, reg_eps))

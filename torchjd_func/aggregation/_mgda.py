@@ -1,0 +1,111 @@
+"""MGDA: the minimum-norm point of the convex hull of the gradients.
+
+Désidéri, "Multiple-gradient descent algorithm (MGDA) for multiobjective optimization", 2012;
+Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018,
+https://arxiv.org/abs/1810.04650.
+
+.. math::
+
+    w = \\arg\\min_{\\alpha \\ge 0,\\ \\sum_i \\alpha_i = 1} \\alpha^\\top G \\alpha,
+    \\qquad A(J) = J^\\top w.
+
+TorchJD solves it with Frank-Wolfe to a step tolerance (``epsilon=1e-3``, about 2e-3 KKT error
+measured); here it is solved exactly, as a linear complementarity problem, by the batched
+active-set solver of ``torchjd_func._qp`` (KKT residual within ``reg_eps·tr(G)``).
+"""
+
+from torch import Tensor
+
+from torchjd_func._qp import mgda_weights as _mgda_weights
+from torchjd_func.aggregation._base import (
+    GramianWeightedAggregator,
+    PureWeighting,
+    Weighting,
+    check_gramian,
+    stateless,
+)
+from torchjd_func.aggregation._upgrad import check_eps
+
+__all__ = ["MGDA", "MGDAWeighting", "mgda", "mgda_weights"]
+
+
+def mgda_weights(gramian: Tensor, *, reg_eps: float = 1e-8) -> Tensor:
+    """MGDA's weights: the min-norm convex combination of the gradients, batched.
+
+    Args:
+        gramian: PSD Gramians ``[..., m, m]``.
+        reg_eps: Positive regularisation added to the trace-normalised Gramian, which makes the
+            problem strictly convex; the KKT conditions hold up to ``reg_eps·tr(G)``.
+
+    Returns:
+        Weights ``[..., m]`` on the simplex, dtype and device of ``gramian``. A zero Gramian
+        gives uniform weights.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import mgda_weights
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> mgda_weights(J @ J.T)
+        tensor([0.6000, 0.4000])
+    """
+    check_gramian(gramian)
+    return _mgda_weights(gramian, reg_eps=check_eps(reg_eps, "reg_eps", positive=True))
+
+
+def mgda(*, reg_eps: float = 1e-8) -> PureWeighting:
+    """MGDA as a stateless :class:`PureWeighting`; see :func:`mgda_weights`.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import mgda
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> mgda().update(J @ J.T, mgda().init(2))[0]
+        tensor([0.6000, 0.4000])
+    """
+    reg = check_eps(reg_eps, "reg_eps", positive=True)
+    return stateless(lambda gramian: mgda_weights(gramian, reg_eps=reg))
+
+
+class MGDAWeighting(Weighting):
+    """Weighting of :func:`mgda_weights`.
+
+    Args:
+        epsilon: Accepted for compatibility with TorchJD's Frank-Wolfe solver; the exact solver
+            used here has no step tolerance, so it has no effect.
+        max_iters: Accepted for compatibility with TorchJD; no effect (fixed iteration budget).
+        reg_eps: See :func:`mgda_weights`.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import MGDAWeighting
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> MGDAWeighting()(J @ J.T)
+        tensor([0.6000, 0.4000])
+    """
+
+    def __init__(self, epsilon: float = 0.001, max_iters: int = 100, reg_eps: float = 1e-8) -> None:
+        check_eps(epsilon, "epsilon")
+        if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+            raise ValueError(f"`max_iters` must be a positive int, got {max_iters!r}.")
+        super().__init__(
+            mgda(reg_eps=reg_eps), epsilon=epsilon, max_iters=max_iters, reg_eps=reg_eps
+        )
+
+
+class MGDA(GramianWeightedAggregator):
+    """Aggregator ``A(J) = Jᵀw`` with ``w`` the min-norm convex combination of the rows.
+
+    Args:
+        epsilon: Accepted for compatibility with TorchJD; no effect (exact solver).
+        max_iters: Accepted for compatibility with TorchJD; no effect.
+        reg_eps: See :func:`mgda_weights`.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import MGDA
+        >>> MGDA()(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+        tensor([0., 1., 1.])
+    """
+
+    def __init__(self, epsilon: float = 0.001, max_iters: int = 100, reg_eps: float = 1e-8) -> None:
+        super().__init__(MGDAWeighting(epsilon, max_iters, reg_eps))

@@ -1,0 +1,129 @@
+"""Random (RLW): random positive weights ``w = softmax(ε)``, ``ε ~ N(0, I)``, at every step.
+
+Random Loss Weighting, Lin et al., "Reasonable Effectiveness of Random Weighting: A Litmus Test
+for Multi-Task Learning", TMLR 2022, https://arxiv.org/abs/2111.10603.
+
+The randomness is explicit: the state holds a key of the counter-based generator in
+``torchjd_func._prng``, split at every call, so runs are reproducible and resumable.
+"""
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from torchjd_func._prng import key_from_seed, normal, split
+from torchjd_func.aggregation._base import (
+    GramianWeightedAggregator,
+    PureWeighting,
+    Weighting,
+    check_gramian,
+)
+
+__all__ = ["Random", "RandomState", "RandomWeighting", "random_", "random_weights", "seed_or_draw"]
+
+
+class RandomState(NamedTuple):
+    """State of randomised weightings."""
+
+    key: Tensor
+    """``[]`` int64: the key of the pseudo-random generator."""
+
+
+def random_weights(gramian: Tensor, key: Tensor) -> Tensor:
+    """``softmax(ε)`` with ``ε ~ N(0, I)`` drawn from ``key``, one draw per leading index.
+
+    Args:
+        gramian: Gramians ``[..., m, m]`` (only the shape is used).
+        key: ``[]`` int64 key (see :class:`RandomState`).
+
+    Returns:
+        Positive weights ``[..., m]`` summing to 1.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import random_weights
+        >>> w = random_weights(torch.eye(3), torch.tensor(7))
+        >>> bool((w > 0).all()), round(float(w.sum()), 6)
+        (True, 1.0)
+    """
+    check_gramian(gramian)
+    noise = normal(key.to(gramian.device), tuple(gramian.shape[:-1]), gramian.dtype)
+    return torch.softmax(noise, dim=-1)
+
+
+def random_(*, seed: int = 0) -> PureWeighting:
+    """The random weighting as a :class:`PureWeighting` whose state is a :class:`RandomState`.
+
+    Args:
+        seed: Seed of the key created by ``init``.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import random_
+        >>> weighting = random_(seed=0)
+        >>> state = weighting.init(2)
+        >>> w1, state = weighting.update(torch.eye(2), state)
+        >>> w2, state = weighting.update(torch.eye(2), state)
+        >>> bool((w1 != w2).any())
+        True
+    """
+
+    def init(
+        m: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> RandomState:
+        del m, dtype
+        return RandomState(key_from_seed(seed, device))
+
+    def update(gramian: Tensor, state: RandomState) -> tuple[Tensor, RandomState]:
+        kept, used = split(state.key)
+        return random_weights(gramian, used), RandomState(kept)
+
+    return PureWeighting(init, update)
+
+
+def seed_or_draw(seed: int | None) -> int:
+    """``seed``, or one drawn from torch's global generator (so ``torch.manual_seed`` applies)."""
+    if seed is None:
+        return int(torch.randint(0, 2**31 - 1, ()).item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"`seed` must be an int or None, got {type(seed).__name__}.")
+    return seed
+
+
+class RandomWeighting(Weighting):
+    """Weighting of :func:`random_weights`.
+
+    Args:
+        seed: Seed of the key; ``None`` draws it from torch's global generator at construction.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import RandomWeighting
+        >>> RandomWeighting(seed=0)(torch.eye(3)).shape
+        torch.Size([3])
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed_or_draw(seed)
+        super().__init__(random_(seed=self.seed), seed=self.seed)
+
+
+class Random(GramianWeightedAggregator):
+    """Aggregator with random positive weights summing to 1 (RLW).
+
+    Args:
+        seed: Seed of the key; ``None`` draws it from torch's global generator at construction.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import Random
+        >>> Random(seed=0)(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))[1:]
+        tensor([1., 1.])
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        super().__init__(RandomWeighting(seed))

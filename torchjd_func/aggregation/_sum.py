@@ -1,0 +1,73 @@
+"""Sum: the sum of the rows, ``A(J) = Σ_i g_i``."""
+
+import torch
+from torch import Tensor
+
+from torchjd_func.aggregation._base import (
+    GramianWeightedAggregator,
+    PureWeighting,
+    Weighting,
+    check_gramian,
+    stateless,
+)
+
+__all__ = ["Sum", "SumWeighting", "sum_", "sum_weights"]
+
+
+def sum_weights(gramian: Tensor) -> Tensor:
+    """``w = 1`` for each of the ``m`` losses (only the Gramian's size is used).
+
+    Args:
+        gramian: Gramians ``[..., m, m]``.
+
+    Returns:
+        Weights ``[..., m]``, dtype and device of ``gramian``.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import sum_weights
+        >>> sum_weights(torch.eye(3))
+        tensor([1., 1., 1.])
+    """
+    check_gramian(gramian)
+    return torch.ones(gramian.shape[:-1], dtype=gramian.dtype, device=gramian.device)
+
+
+def sum_() -> PureWeighting:
+    """The sum weighting as a stateless :class:`PureWeighting` (``sum_``: ``sum`` is a builtin).
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import sum_
+        >>> sum_().update(torch.eye(2), sum_().init(2))[0]
+        tensor([1., 1.])
+    """
+    return stateless(sum_weights)
+
+
+class SumWeighting(Weighting):
+    """Weighting of :func:`sum_weights`.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import SumWeighting
+        >>> SumWeighting()(torch.eye(2))
+        tensor([1., 1.])
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sum_())
+
+
+class Sum(GramianWeightedAggregator):
+    """Aggregator summing the rows of the matrix.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import Sum
+        >>> Sum()(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+        tensor([2., 2., 2.])
+    """
+
+    def __init__(self) -> None:
+        super().__init__(SumWeighting())

@@ -1,0 +1,150 @@
+"""UPGrad: the mean of the projections of each gradient onto the dual cone of all of them.
+
+Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024,
+https://arxiv.org/abs/2406.16232.
+
+.. math::
+
+    A(J) = \\sum_i \\pi_J(u_i g_i), \\qquad
+    \\pi_J(x) = \\arg\\min_{y:\\, Jy \\ge 0} \\|y - x\\|^2,
+
+where the projection onto the dual cone ``{y: Jy ≥ 0}`` of ``u_i g_i = Jᵀ(u_i e_i)`` is ``Jᵀv``
+with ``v = argmin vᵀGv s.t. v ≥ u_i e_i`` (Prop. 1), so the weights are ``Σ_i v_i``. ``u`` is the
+preference vector (``1/m`` by default). As in TorchJD, the Gramian is normalised by its trace
+(zeroed below ``norm_eps``) and regularised with ``reg_eps·I`` before the ``m`` quadratic programs,
+which are solved together, batched and on the Gramian's device (``torchjd_func._qp``).
+"""
+
+from torch import Tensor
+
+from torchjd_func._qp import upgrad_weights as _upgrad_weights
+from torchjd_func.aggregation._base import (
+    GramianWeightedAggregator,
+    PureWeighting,
+    Weighting,
+    check_gramian,
+    stateless,
+)
+from torchjd_func.aggregation._constant import check_vector
+
+__all__ = ["UPGrad", "UPGradWeighting", "check_eps", "check_pref", "upgrad", "upgrad_weights"]
+
+
+def check_eps(value: object, name: str, *, positive: bool = False) -> float:
+    """Checks a non-negative (or positive) float hyperparameter."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a float, got {type(value).__name__}.")
+    if value < 0 or (positive and value == 0) or value != value:
+        raise ValueError(
+            f"`{name}` must be {'positive' if positive else 'non-negative'}, got {value}."
+        )
+    return float(value)
+
+
+def check_pref(gramian: Tensor, pref_vector: Tensor | None) -> Tensor | None:
+    """Checks that the preference vector has one entry per loss of ``gramian``."""
+    if pref_vector is not None and pref_vector.shape[-1] != gramian.shape[-1]:
+        raise ValueError(
+            f"`pref_vector` has {pref_vector.shape[-1]} entries but the Gramian is for "
+            f"{gramian.shape[-1]} losses: give one preference per loss."
+        )
+    return pref_vector
+
+
+def upgrad_weights(
+    gramian: Tensor,
+    pref_vector: Tensor | None = None,
+    *,
+    norm_eps: float = 1e-4,
+    reg_eps: float = 1e-4,
+) -> Tensor:
+    """UPGrad's weights ``Σ_i v_i``, ``v_i = argmin vᵀGv s.t. v ≥ u_i e_i``, batched.
+
+    Args:
+        gramian: PSD Gramians ``[..., m, m]``.
+        pref_vector: Preferences ``u`` ``[m]`` (not normalised); ``None`` means ``1/m``.
+        norm_eps: Gramians with a trace below this are treated as zero.
+        reg_eps: Added to the diagonal of the trace-normalised Gramian.
+
+    Returns:
+        Weights ``[..., m]`` in the dtype and on the device of ``gramian``.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import upgrad_weights
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> upgrad_weights(J @ J.T)
+        tensor([1.1109, 0.7894])
+    """
+    check_gramian(gramian)
+    pref = check_pref(gramian, pref_vector)
+    return _upgrad_weights(gramian, pref, norm_eps=norm_eps, reg_eps=reg_eps)
+
+
+def upgrad(
+    pref_vector: Tensor | None = None, *, norm_eps: float = 1e-4, reg_eps: float = 1e-4
+) -> PureWeighting:
+    """UPGrad as a stateless :class:`PureWeighting`; see :func:`upgrad_weights`.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import upgrad
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> upgrad().update(J @ J.T, upgrad().init(2))[0]
+        tensor([1.1109, 0.7894])
+    """
+    if pref_vector is not None:
+        check_vector(pref_vector, "pref_vector")
+    norm = check_eps(norm_eps, "norm_eps")
+    reg = check_eps(reg_eps, "reg_eps")
+    return stateless(
+        lambda gramian: upgrad_weights(gramian, pref_vector, norm_eps=norm, reg_eps=reg)
+    )
+
+
+class UPGradWeighting(Weighting):
+    """Weighting of :func:`upgrad_weights`.
+
+    Args:
+        pref_vector: Preferences ``[m]`` (not normalised); ``None`` means the mean, ``1/m``.
+        norm_eps: Gramians with a trace below this are treated as zero.
+        reg_eps: Added to the diagonal of the trace-normalised Gramian.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import UPGradWeighting
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> UPGradWeighting()(J @ J.T)
+        tensor([1.1109, 0.7894])
+    """
+
+    def __init__(
+        self, pref_vector: Tensor | None = None, norm_eps: float = 1e-4, reg_eps: float = 1e-4
+    ) -> None:
+        super().__init__(
+            upgrad(pref_vector, norm_eps=norm_eps, reg_eps=reg_eps),
+            pref_vector=pref_vector,
+            norm_eps=norm_eps,
+            reg_eps=reg_eps,
+        )
+
+
+class UPGrad(GramianWeightedAggregator):
+    """Aggregator ``A(J) = Σ_i π_J(u_i g_i)``: no conflict with any row (``J A(J) ≥ 0``).
+
+    Args:
+        pref_vector: Preferences ``[m]`` (not normalised); ``None`` means the mean, ``1/m``.
+        norm_eps: Gramians with a trace below this are treated as zero.
+        reg_eps: Added to the diagonal of the trace-normalised Gramian.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import UPGrad
+        >>> UPGrad()(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+        tensor([0.2929, 1.9004, 1.9004])
+    """
+
+    def __init__(
+        self, pref_vector: Tensor | None = None, norm_eps: float = 1e-4, reg_eps: float = 1e-4
+    ) -> None:
+        super().__init__(UPGradWeighting(pref_vector, norm_eps, reg_eps))
