@@ -19,6 +19,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 from torch.func import vjp, vmap
 
+from torchjd_func._chunks import batched_vjp
 from torchjd_func._tree import check_params, from_leaves, leaves
 from torchjd_func._types import Jacobian, LeafKey
 
@@ -106,13 +107,8 @@ def _vjp_rows(
     """Rows ``[M, *primal.shape]`` of the Jacobian of ``output`` (``M = output.numel()``)."""
     n_rows = output.numel()
     identity = torch.eye(n_rows, dtype=output.dtype, device=output.device)
-    cotangents = identity.reshape(n_rows, *output.shape)
-    if chunk_size == 1:
-        # One vector-Jacobian product per row and no vmap, for ops without batching rules.
-        per_row = [vjp_fn(cotangents[i]) for i in range(n_rows)]
-        return tuple(torch.stack(column) for column in zip(*per_row, strict=True))
-    rows: tuple[Tensor, ...] = vmap(vjp_fn, chunk_size=chunk_size)(cotangents)
-    return rows
+    cotangents = identity.reshape((n_rows, *output.shape))
+    return batched_vjp(lambda rows, _: vjp_fn(rows[0]), (cotangents,), chunk_size)
 
 
 def _to_jacobian(
@@ -491,11 +487,7 @@ def mtl_jacobian(
     head_grads = from_leaves(
         {key: row.sum(0) for key, row in zip(head_keys, head_rows[:n_heads], strict=True)}, []
     )
-    if chunk_size == 1:
-        per_row = [trunk_vjp(tuple(f[i] for f in feature_rows)) for i in range(losses.numel())]
-        shared_rows = tuple(torch.stack(col) for col in zip(*per_row, strict=True))
-    else:
-        shared_rows = vmap(trunk_vjp, chunk_size=chunk_size)(feature_rows)
+    shared_rows = batched_vjp(lambda rows, _: trunk_vjp(rows), tuple(feature_rows), chunk_size)
     shaped = [row.reshape((*losses.shape, *row.shape[1:])) for row in shared_rows]
     return MTLJacobian(
         losses, _to_jacobian(shared_keys, shaped, losses.shape), head_grads, as_returned(features)
