@@ -61,6 +61,20 @@ class WithDirectParam(nn.Module):
         return self.body(x) * self.scale
 
 
+class SmallTransformer(nn.Module):
+    """A Transformer encoder layer (dropout 0) on sequences ``[B, 4, 8]``, mean-pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(
+            d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True
+        )
+        self.out = nn.Linear(8, M_OUT)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.encoder(x).mean(dim=1))
+
+
 def _mlp() -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, M_OUT)
@@ -115,6 +129,10 @@ ARCHITECTURES = [
     Architecture("batchnorm_eval", _batchnorm_eval, (5,)),
     Architecture("direct_param", WithDirectParam, (5,)),
 ]
+
+
+TRANSFORMER = Architecture("transformer", SmallTransformer, (4, 8))
+"""Used by the front-door tests (with the functional-core architectures above)."""
 
 
 def build(arch: Architecture, dtype: torch.dtype, device: torch.device) -> nn.Module:

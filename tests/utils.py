@@ -8,8 +8,10 @@ TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-9, 1e-11)}
 """(rtol, atol) by dtype."""
 
 
-def assert_close(actual: Tensor, expected: Tensor) -> None:
-    """``torch.testing.assert_close`` with a tolerance set by the expected dtype."""
+def assert_close(actual: Tensor | None, expected: Tensor) -> None:
+    """``torch.testing.assert_close`` with a tolerance set by the expected dtype (``actual`` may
+    be an optional ``.grad``, which must then be set)."""
+    assert actual is not None
     rtol, atol = TOLERANCES.get(expected.dtype, (1e-4, 1e-5))
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 

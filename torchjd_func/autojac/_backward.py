@@ -1,0 +1,144 @@
+"""``backward`` and ``jac``: Jacobians through an existing autograd graph."""
+
+from collections.abc import Iterable, Sequence
+
+from torch import Tensor
+
+from torchjd_func.autojac._utils import (
+    accumulate_jacs,
+    as_tensors,
+    check_chunk_size,
+    identity_cotangents,
+    jacobian_rows,
+    leaf_tensors,
+)
+
+__all__ = ["backward", "jac"]
+
+
+def _cotangents(
+    tensors: list[Tensor], given: Sequence[Tensor] | Tensor | None, name: str
+) -> list[Tensor]:
+    if given is None:
+        return identity_cotangents(tensors)
+    rows = as_tensors(given, name)
+    if len(rows) != len(tensors):
+        raise ValueError(
+            f"`{name}` has {len(rows)} tensors but there are {len(tensors)} tensors to "
+            "differentiate: give one Jacobian per tensor."
+        )
+    for i, (row, tensor) in enumerate(zip(rows, tensors, strict=True)):
+        if row.ndim == 0 or row.shape[1:] != tensor.shape:
+            raise ValueError(
+                f"`{name}[{i}]` must have shape [k, *{list(tensor.shape)}], got {list(row.shape)}."
+            )
+    if len({row.shape[0] for row in rows}) != 1:
+        raise ValueError(
+            f"The tensors of `{name}` must all have the same number of rows (first dim), got "
+            f"{[row.shape[0] for row in rows]}."
+        )
+    return rows
+
+
+def _check_differentiable(tensors: list[Tensor], name: str) -> None:
+    for i, tensor in enumerate(tensors):
+        if not tensor.requires_grad:
+            raise ValueError(
+                f"`{name}[{i}]` does not require grad: it was not computed from parameters "
+                "that require grad (or the graph was built under `torch.no_grad`)."
+            )
+
+
+def backward(
+    tensors: Sequence[Tensor] | Tensor,
+    /,
+    *,
+    jac_tensors: Sequence[Tensor] | Tensor | None = None,
+    inputs: Iterable[Tensor] | None = None,
+    retain_graph: bool = False,
+    parallel_chunk_size: int | None = None,
+) -> None:
+    """Computes the Jacobian of ``tensors`` w.r.t. ``inputs`` and adds it to their ``.jac``.
+
+    The Jacobian has one row per scalar of ``tensors`` (``M = Σ numel``); ``input.jac`` has
+    shape ``[M, *input.shape]``. With ``jac_tensors`` (one ``[k, *t.shape]`` per tensor), the
+    ``k`` rows ``Σ_t jac_tensors[t] ∂t/∂input`` are computed instead (the chain rule). Aggregate
+    the stored Jacobians into ``.grad`` with :func:`jac_to_grad`. Rows are computed with
+    vector-Jacobian products through the autograd graph, vmapped ``parallel_chunk_size`` at a
+    time (one chunked helper shared with the functional core).
+
+    Args:
+        tensors: The tensors to differentiate (e.g. a vector of losses).
+        jac_tensors: Optional Jacobians of some downstream quantity w.r.t. ``tensors``.
+        inputs: The tensors that receive ``.jac``; default: the leaves requiring grad in the
+            graph of ``tensors``.
+        retain_graph: Keep the graph (to differentiate it again).
+        parallel_chunk_size: Rows differentiated at once; ``None``: all, ``1``: one at a time
+            without ``vmap``.
+
+    Raises:
+        ValueError: empty or repeated tensors, tensors that do not require grad, mismatched
+            ``jac_tensors``, a non-positive chunk size, or inputs that are not leaves.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.autojac import backward
+        >>> param = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> losses = torch.stack([param.sum(), (param**2).sum()])
+        >>> backward(losses)
+        >>> param.jac
+        tensor([[1., 1.],
+                [2., 4.]])
+    """
+    check_chunk_size(parallel_chunk_size)
+    outputs = as_tensors(tensors, "tensors")
+    _check_differentiable(outputs, "tensors")
+    cotangents = _cotangents(outputs, jac_tensors, "jac_tensors")
+    targets = leaf_tensors(outputs) if inputs is None else as_tensors(inputs, "inputs")
+    if not targets:
+        raise ValueError("`tensors` depend on no leaf tensor that requires grad.")
+    jacs = jacobian_rows(outputs, targets, cotangents, retain_graph, parallel_chunk_size)
+    accumulate_jacs(targets, jacs)
+
+
+def jac(
+    outputs: Sequence[Tensor] | Tensor,
+    inputs: Sequence[Tensor] | Tensor,
+    *,
+    jac_outputs: Sequence[Tensor] | Tensor | None = None,
+    retain_graph: bool = False,
+    parallel_chunk_size: int | None = None,
+) -> tuple[Tensor, ...]:
+    """The Jacobian of ``outputs`` w.r.t. each of ``inputs``, returned (nothing is stored).
+
+    Args:
+        outputs: The tensors to differentiate.
+        inputs: The tensors to differentiate with respect to (leaves or not).
+        jac_outputs: Optional Jacobians ``[k, *output.shape]`` to chain with (see
+            :func:`backward`).
+        retain_graph: Keep the graph.
+        parallel_chunk_size: Rows differentiated at once (see :func:`backward`).
+
+    Returns:
+        One ``[M, *input.shape]`` tensor per input, in the order of ``inputs``.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.autojac import jac
+        >>> param = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> (jacobian,) = jac(torch.stack([param.sum(), (param**2).sum()]), param)
+        >>> jacobian
+        tensor([[1., 1.],
+                [2., 4.]])
+    """
+    check_chunk_size(parallel_chunk_size)
+    differentiated = as_tensors(outputs, "outputs")
+    _check_differentiable(differentiated, "outputs")
+    cotangents = _cotangents(differentiated, jac_outputs, "jac_outputs")
+    targets = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+    if not targets:
+        raise ValueError("`inputs` is empty: give at least one tensor.")
+    distinct = list({id(t): t for t in targets}.values())
+    rows = jacobian_rows(differentiated, distinct, cotangents, retain_graph, parallel_chunk_size)
+    by_id = {id(t): row for t, row in zip(distinct, rows, strict=True)}
+    return tuple(by_id[id(t)] for t in targets)

@@ -1,0 +1,119 @@
+"""Shared pieces of the autograd front door: argument checks, graph leaves, Jacobian rows."""
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchjd_func._chunks import batched_vjp
+
+
+def as_tensors(value: Tensor | Sequence[Tensor] | Iterable[Tensor], name: str) -> list[Tensor]:
+    """A non-empty list of distinct tensors from a tensor or an iterable of tensors."""
+    found = [value] if isinstance(value, Tensor) else list(value)
+    if not found:
+        raise ValueError(f"`{name}` is empty: give at least one tensor.")
+    for i, tensor in enumerate(found):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"`{name}[{i}]` is a {type(tensor).__name__}, not a Tensor.")
+    if len({id(t) for t in found}) != len(found):
+        raise ValueError(f"`{name}` contains the same tensor twice: give each tensor once.")
+    return found
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(
+            "`parallel_chunk_size` must be None (all rows at once) or a positive int, got "
+            f"{chunk_size!r}."
+        )
+
+
+def leaf_tensors(roots: Iterable[Tensor], excluded: Iterable[Tensor] = ()) -> list[Tensor]:
+    """The leaves requiring grad in the graph of ``roots``, in breadth-first order.
+
+    The graph below the ``excluded`` tensors (e.g. the shared features, for a task's own
+    parameters) is not visited.
+    """
+    stop = {t.grad_fn for t in excluded if t.grad_fn is not None}
+    queue: list[Any] = [t.grad_fn for t in roots if t.grad_fn is not None]
+    seen: set[Any] = set()
+    found: list[Tensor] = []
+    while queue:
+        node = queue.pop(0)
+        if node in seen or node in stop:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):
+            if variable.requires_grad and all(variable is not f for f in found):
+                found.append(variable)
+            continue
+        queue.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    return found
+
+
+def jacobian_rows(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    cotangents: Sequence[Tensor],
+    retain_graph: bool,
+    chunk_size: int | None,
+) -> tuple[Tensor, ...]:
+    """``[k, *input.shape]`` for each input: the products of the ``k`` cotangent rows (each
+    ``[k, *output.shape]``) with the Jacobian of ``outputs``, through the autograd graph.
+
+    The graph is kept until the last chunk, which frees it unless ``retain_graph``.
+    """
+    outputs, inputs = list(outputs), list(inputs)
+
+    def vjp(rows: tuple[Tensor, ...], is_last: bool) -> tuple[Tensor, ...]:
+        return torch.autograd.grad(
+            outputs,
+            inputs,
+            grad_outputs=rows,
+            retain_graph=retain_graph or not is_last,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+
+    return batched_vjp(vjp, tuple(cotangents), chunk_size)
+
+
+def identity_cotangents(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The rows of the ``M x M`` identity (``M = Σ numel``), split per tensor:
+    ``[M, *t.shape]`` each, so that row ``i`` differentiates the ``i``-th scalar of all tensors."""
+    sizes = [t.numel() for t in tensors]
+    total = sum(sizes)
+    reference = tensors[0]
+    identity = torch.eye(total, dtype=reference.dtype, device=reference.device)
+    pieces = torch.split(identity, sizes, dim=1)
+    return [
+        piece.reshape((total, *t.shape)).to(t.dtype)
+        for piece, t in zip(pieces, tensors, strict=True)
+    ]
+
+
+def accumulate_jacs(params: Sequence[Tensor], jacs: Sequence[Tensor]) -> None:
+    """Adds each Jacobian into its tensor's ``.jac`` (set where absent), as TorchJD does."""
+    for param, jac in zip(params, jacs, strict=True):
+        if not param.requires_grad or not (param.is_leaf or param.retains_grad):
+            raise ValueError(
+                "Jacobians can only be stored on leaf tensors that require grad (or tensors that "
+                "retain grad); got a non-leaf tensor. Pass leaf parameters as `inputs`."
+            )
+        existing = getattr(param, "jac", None)
+        if existing is None:
+            param.jac = jac  # type: ignore[attr-defined]
+        else:
+            param.jac = existing + jac  # type: ignore[attr-defined]
+
+
+def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    """Adds each gradient into its tensor's ``.grad`` (set where absent), as autograd does."""
+    for param, grad in zip(params, grads, strict=True):
+        update = grad.detach().to(dtype=param.dtype)
+        param.grad = update if param.grad is None else param.grad + update
