@@ -1,0 +1,212 @@
+"""Functional optimizers over TensorDicts: SGD (with momentum) and Adam as pure functions.
+
+An optimizer is a pair ``(init, update)``: ``init(params) -> state`` and
+``update(grads, state, params) -> (new_params, new_state)``, where ``params`` and ``grads`` are
+TensorDicts with the same keys and the state is a NamedTuple of tensors and TensorDicts (its step
+counter is a 0-d tensor, so a compiled training step does not recompile as it grows). The update
+rules are those of ``torch.optim.SGD`` and ``torch.optim.Adam`` (tested against them).
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+
+from torchjd_func._tree import from_leaves, leaves
+
+__all__ = ["AdamState", "Optimizer", "SGDState", "adam", "sgd"]
+
+
+class Optimizer(NamedTuple):
+    """A functional optimizer: ``init(params) -> state``, ``update(grads, state, params)``."""
+
+    init: Callable[[TensorDictBase], Any]
+    update: Callable[[TensorDictBase, Any, TensorDictBase], tuple[TensorDict, Any]]
+
+
+class SGDState(NamedTuple):
+    """State of :func:`sgd`."""
+
+    steps: Tensor
+    """``[]`` int64: the number of updates done."""
+    momentum: TensorDict
+    """The momentum buffers, params-shaped (zeros before the first update)."""
+
+
+class AdamState(NamedTuple):
+    """State of :func:`adam`."""
+
+    steps: Tensor
+    """``[]`` int64: the number of updates done."""
+    mu: TensorDict
+    """First-moment EMA, params-shaped."""
+    nu: TensorDict
+    """Second-moment EMA, params-shaped."""
+
+
+def _check_hyperparameter(value: float, name: str, upper: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise TypeError(f"`{name}` must be a float, got {value!r}.")
+    if value < 0 or (upper is not None and value >= upper):
+        bound = f"in [0, {upper:g})" if upper is not None else "non-negative"
+        raise ValueError(f"`{name}` must be {bound}, got {value}.")
+    return float(value)
+
+
+def _check_same_keys(grads: TensorDictBase, params: TensorDictBase) -> None:
+    grad_keys = set(grads.keys(include_nested=True, leaves_only=True))
+    param_keys = set(params.keys(include_nested=True, leaves_only=True))
+    if grad_keys != param_keys:
+        raise ValueError(
+            "`grads` and `params` must have the same keys; only in grads: "
+            f"{sorted(map(str, grad_keys - param_keys))}, only in params: "
+            f"{sorted(map(str, param_keys - grad_keys))}."
+        )
+
+
+def _map(fn: Callable[..., Tensor], first: TensorDictBase, *others: TensorDictBase) -> TensorDict:
+    """``fn`` applied leaf by leaf to TensorDicts with the same keys."""
+    other_leaves = [leaves(other) for other in others]
+    return from_leaves(
+        {key: fn(value, *(o[key] for o in other_leaves)) for key, value in leaves(first).items()},
+        batch_size=first.batch_size,
+    )
+
+
+def _zeros_like(params: TensorDictBase) -> TensorDict:
+    return _map(lambda p: torch.zeros_like(p.detach()), params)
+
+
+def sgd(
+    lr: float,
+    momentum: float = 0.0,
+    *,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> Optimizer:
+    """Stochastic gradient descent, with the update rule of ``torch.optim.SGD``.
+
+    .. math::
+
+        g \\leftarrow g + \\lambda p, \\quad
+        b \\leftarrow \\mu b + (1 - \\tau) g \\ (b = g \\text{ at the first step}), \\quad
+        p \\leftarrow p - \\eta\\,(g + \\mu b \\text{ if nesterov else } b).
+
+    Args:
+        lr: Learning rate ``η``.
+        momentum: Momentum ``μ`` (0: plain SGD).
+        dampening: Dampening ``τ`` of the momentum.
+        weight_decay: L2 penalty ``λ``.
+        nesterov: Nesterov momentum.
+
+    Example:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from torchjd_func.optim import sgd
+        >>> optimizer = sgd(lr=0.1, momentum=0.9)
+        >>> params = TensorDict({"w": torch.ones(2)})
+        >>> state = optimizer.init(params)
+        >>> params, state = optimizer.update(TensorDict({"w": torch.ones(2)}), state, params)
+        >>> params["w"]
+        tensor([0.9000, 0.9000])
+    """
+    lr = _check_hyperparameter(lr, "lr")
+    momentum = _check_hyperparameter(momentum, "momentum")
+    dampening = _check_hyperparameter(dampening, "dampening")
+    weight_decay = _check_hyperparameter(weight_decay, "weight_decay")
+    if nesterov and (momentum == 0 or dampening != 0):
+        raise ValueError("Nesterov momentum needs a positive momentum and zero dampening.")
+
+    def init(params: TensorDictBase) -> SGDState:
+        return SGDState(torch.zeros((), dtype=torch.int64), _zeros_like(params))
+
+    def update(
+        grads: TensorDictBase, state: SGDState, params: TensorDictBase
+    ) -> tuple[TensorDict, SGDState]:
+        _check_same_keys(grads, params)
+        decayed = _map(lambda g, p: g + weight_decay * p, grads, params) if weight_decay else grads
+        count = state.steps + 1
+        if not momentum:
+            return _map(lambda p, g: p - lr * g, params, decayed), SGDState(count, state.momentum)
+        first = state.steps == 0
+        buffer = _map(
+            lambda g, b: torch.where(first, g, momentum * b + (1 - dampening) * g),
+            decayed,
+            state.momentum,
+        )
+        if nesterov:
+            new_params = _map(lambda p, g, b: p - lr * (g + momentum * b), params, decayed, buffer)
+        else:
+            new_params = _map(lambda p, b: p - lr * b, params, buffer)
+        return new_params, SGDState(count, buffer)
+
+    return Optimizer(init, update)
+
+
+def adam(
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    *,
+    weight_decay: float = 0.0,
+) -> Optimizer:
+    """Adam, with the update rule of ``torch.optim.Adam``.
+
+    .. math::
+
+        m \\leftarrow \\beta_1 m + (1-\\beta_1) g, \\quad
+        v \\leftarrow \\beta_2 v + (1-\\beta_2) g^2, \\quad
+        p \\leftarrow p - \\frac{\\eta}{1-\\beta_1^t}\\,
+        \\frac{m}{\\sqrt{v}/\\sqrt{1-\\beta_2^t} + \\epsilon}.
+
+    Args:
+        lr: Learning rate ``η``.
+        betas: EMA rates ``(β₁, β₂)``, each in ``[0, 1)``.
+        eps: Added to the denominator.
+        weight_decay: L2 penalty added to the gradient (Adam, not AdamW).
+
+    Example:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from torchjd_func.optim import adam
+        >>> optimizer = adam(lr=0.1)
+        >>> params = TensorDict({"w": torch.ones(2)})
+        >>> params, state = optimizer.update(TensorDict({"w": torch.ones(2)}), optimizer.init(params), params)
+        >>> params["w"]
+        tensor([0.9000, 0.9000])
+    """
+    lr = _check_hyperparameter(lr, "lr")
+    beta1 = _check_hyperparameter(betas[0], "betas[0]", upper=1.0)
+    beta2 = _check_hyperparameter(betas[1], "betas[1]", upper=1.0)
+    eps = _check_hyperparameter(eps, "eps")
+    weight_decay = _check_hyperparameter(weight_decay, "weight_decay")
+
+    def init(params: TensorDictBase) -> AdamState:
+        zeros = _zeros_like(params)
+        return AdamState(torch.zeros((), dtype=torch.int64), zeros, zeros.clone())
+
+    def update(
+        grads: TensorDictBase, state: AdamState, params: TensorDictBase
+    ) -> tuple[TensorDict, AdamState]:
+        _check_same_keys(grads, params)
+        decayed = _map(lambda g, p: g + weight_decay * p, grads, params) if weight_decay else grads
+        count = state.steps + 1
+        mu = _map(lambda m, g: beta1 * m + (1 - beta1) * g, state.mu, decayed)
+        nu = _map(lambda v, g: beta2 * v + (1 - beta2) * g * g, state.nu, decayed)
+        step = count.to(torch.float64)
+        step_size = lr / (1 - beta1**step)
+        root_correction = (1 - beta2**step).sqrt()
+        new_params = _map(
+            lambda p, m, v: (
+                p - step_size.to(p.dtype) * m / (v.sqrt() / root_correction.to(p.dtype) + eps)
+            ),
+            params,
+            mu,
+            nu,
+        )
+        return new_params, AdamState(count, mu, nu)
+
+    return Optimizer(init, update)
