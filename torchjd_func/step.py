@@ -1,0 +1,221 @@
+"""Whole Jacobian-descent training steps as pure functions, ready for ``torch.compile``.
+
+Each builder returns ``step(params, opt_state, agg_state, batch) -> StepOutput`` that runs the
+forward pass once, computes the Jacobian, aggregates it with a :class:`PureWeighting` and applies
+a functional :class:`~torchjd_func.optim.Optimizer`. Nothing is mutated, so
+``torch.compile(step, fullgraph=True)`` traces it into one graph, compiled once and reused for
+every batch of the same shapes.
+
+* :func:`jd_step`: losses of any shape from ``losses_fn(params, *batch)``;
+* :func:`per_sample_step`: instance-wise risk minimisation (one loss per sample, IWRM) or
+  per-sample, per-task losses (IWMTL), from a function written for one sample;
+* :func:`mtl_step`: a shared trunk and task heads, through the features (``mtl_jacobian``).
+
+Example:
+    >>> import torch
+    >>> from torchjd_func import call, params_of
+    >>> from torchjd_func.aggregation import upgrad
+    >>> from torchjd_func.optim import sgd
+    >>> from torchjd_func.step import per_sample_step
+    >>> model = torch.nn.Linear(3, 1)
+    >>> def sample_loss(params, x, y):
+    ...     return (call(model, params, x).squeeze() - y) ** 2
+    >>> weighting, optimizer = upgrad(), sgd(lr=0.1)
+    >>> step = per_sample_step(sample_loss, weighting, optimizer)  # wrap in torch.compile to compile
+    >>> params = params_of(model)
+    >>> opt_state, agg_state = optimizer.init(params), weighting.init(8)
+    >>> out = step(params, opt_state, agg_state, (torch.randn(8, 3), torch.randn(8)))
+    >>> out.metrics["losses"].shape
+    torch.Size([8])
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+
+from torchjd_func.aggregation import PureWeighting, aggregate
+from torchjd_func.jacobian import mtl_jacobian, value_and_jacobian, value_and_per_sample_jacobian
+from torchjd_func.optim import Optimizer
+
+__all__ = ["StepFn", "StepOutput", "jd_step", "mtl_step", "per_sample_step"]
+
+
+class StepOutput(NamedTuple):
+    """What a step function returns."""
+
+    params: TensorDict
+    """The updated parameters."""
+    opt_state: Any
+    """The optimizer's new state."""
+    agg_state: Any
+    """The weighting's new state."""
+    metrics: dict[str, Tensor]
+    """``"losses"`` (before the update) and ``"weights"`` (the aggregation weights)."""
+
+
+StepFn = Callable[[TensorDictBase, Any, Any, Sequence[Any]], StepOutput]
+"""``step(params, opt_state, agg_state, batch) -> StepOutput``."""
+
+
+def _check(weighting: PureWeighting, optimizer: Optimizer) -> None:
+    if not isinstance(weighting, PureWeighting):
+        raise TypeError(
+            f"`weighting` must be a PureWeighting (e.g. `upgrad()`), got {type(weighting).__name__}."
+        )
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"`optimizer` must be a functional Optimizer (e.g. `sgd(0.1)`), got "
+            f"{type(optimizer).__name__}."
+        )
+
+
+def _finish(
+    params: TensorDictBase,
+    grads: TensorDictBase,
+    opt_state: Any,
+    agg_state: Any,
+    optimizer: Optimizer,
+    losses: Tensor,
+    weights: Tensor,
+) -> StepOutput:
+    new_params, new_opt_state = optimizer.update(grads, opt_state, params)
+    return StepOutput(new_params, new_opt_state, agg_state, {"losses": losses, "weights": weights})
+
+
+def jd_step(
+    losses_fn: Callable[..., Tensor],
+    weighting: PureWeighting,
+    optimizer: Optimizer,
+    *,
+    chunk_size: int | None = None,
+) -> StepFn:
+    """A Jacobian-descent step for ``losses_fn(params, *batch)`` (losses of any shape ``s``).
+
+    The Jacobian comes from :func:`~torchjd_func.value_and_jacobian` (one backward pass per loss,
+    vmapped), the weights from ``weighting`` on the (flattened) Gramian, and the update
+    ``Jᵀw`` goes to ``optimizer``.
+
+    Args:
+        losses_fn: ``losses_fn(params, *batch) -> losses``.
+        weighting: E.g. ``upgrad()``; its state is threaded through ``agg_state``.
+        optimizer: E.g. ``sgd(0.1, momentum=0.9)`` or ``adam(1e-3)``.
+        chunk_size: Rows of the Jacobian computed at once (see ``value_and_jacobian``).
+
+    Returns:
+        ``step(params, opt_state, agg_state, batch) -> StepOutput``.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func import call, params_of
+        >>> from torchjd_func.aggregation import upgrad
+        >>> from torchjd_func.optim import adam
+        >>> from torchjd_func.step import jd_step
+        >>> model = torch.nn.Linear(4, 2)
+        >>> losses_fn = lambda p, x, y: (call(model, p, x) - y).pow(2).mean(0)  # two losses
+        >>> step = jd_step(losses_fn, upgrad(), adam(1e-2))
+        >>> params = params_of(model)
+        >>> out = step(params, adam(1e-2).init(params), upgrad().init(2), (torch.randn(8, 4), torch.randn(8, 2)))
+        >>> out.metrics["weights"].shape
+        torch.Size([2])
+    """
+    _check(weighting, optimizer)
+
+    def step(
+        params: TensorDictBase, opt_state: Any, agg_state: Any, batch: Sequence[Any]
+    ) -> StepOutput:
+        losses, jacobian, _ = value_and_jacobian(losses_fn, params, *batch, chunk_size=chunk_size)
+        update, weights, agg_state = aggregate(jacobian, weighting, agg_state)
+        return _finish(params, update, opt_state, agg_state, optimizer, losses, weights)
+
+    return step
+
+
+def per_sample_step(
+    sample_losses_fn: Callable[..., Tensor],
+    weighting: PureWeighting,
+    optimizer: Optimizer,
+    *,
+    in_dims: int | Sequence[int | None] = 0,
+    chunk_size: int | None = None,
+) -> StepFn:
+    """An IWRM (losses ``[B]``) or IWMTL (losses ``[B, m]``) step from a per-sample function.
+
+    ``sample_losses_fn(params, *sample)`` computes the loss (``[]``) or losses (``[m]``) of one
+    sample; :func:`~torchjd_func.value_and_per_sample_jacobian` maps it over the batch. The
+    weighting sees the ``[B·m, B·m]`` flattened Gramian and its weights come back as ``[B, m]``.
+    Its state must be initialised for ``B·m`` losses.
+
+    Args:
+        sample_losses_fn: ``sample_losses_fn(params, *sample) -> losses of one sample``.
+        weighting: E.g. ``upgrad()``.
+        optimizer: E.g. ``sgd(0.1)``.
+        in_dims: Batch dim of each input of ``batch`` (``None``: not batched).
+        chunk_size: Samples processed at once (``None``: all).
+
+    Returns:
+        ``step(params, opt_state, agg_state, batch) -> StepOutput``.
+    """
+    _check(weighting, optimizer)
+
+    def step(
+        params: TensorDictBase, opt_state: Any, agg_state: Any, batch: Sequence[Any]
+    ) -> StepOutput:
+        losses, jacobian, _ = value_and_per_sample_jacobian(
+            sample_losses_fn, params, *batch, in_dims=in_dims, chunk_size=chunk_size
+        )
+        update, weights, agg_state = aggregate(jacobian, weighting, agg_state)
+        return _finish(params, update, opt_state, agg_state, optimizer, losses, weights)
+
+    return step
+
+
+def mtl_step(
+    trunk_fn: Callable[..., Tensor | Sequence[Tensor]],
+    heads_fn: Callable[..., Tensor],
+    weighting: PureWeighting,
+    optimizer: Optimizer,
+    *,
+    chunk_size: int | None = None,
+) -> StepFn:
+    """A multi-task step: shared trunk aggregated by ``weighting``, heads by their own gradient.
+
+    ``params`` is ``TensorDict({"shared": trunk params, "heads": head params})`` and ``batch`` is
+    ``(trunk_args, head_args)``, two tuples passed to :func:`~torchjd_func.mtl_jacobian`.
+
+    Args:
+        trunk_fn: ``trunk_fn(shared_params, *trunk_args) -> features``.
+        heads_fn: ``heads_fn(head_params, features, *head_args) -> losses [m]``.
+        weighting: E.g. ``upgrad()``, initialised for ``m`` losses.
+        optimizer: E.g. ``sgd(0.1)``, initialised with the whole ``params``.
+        chunk_size: Losses differentiated at once.
+
+    Returns:
+        ``step(params, opt_state, agg_state, (trunk_args, head_args)) -> StepOutput``.
+    """
+    _check(weighting, optimizer)
+
+    def step(
+        params: TensorDictBase, opt_state: Any, agg_state: Any, batch: Sequence[Any]
+    ) -> StepOutput:
+        if set(params.keys()) != {"shared", "heads"}:
+            raise ValueError(
+                'An MTL step takes `params = TensorDict({"shared": ..., "heads": ...})`, got keys '
+                f"{sorted(params.keys())}."
+            )
+        trunk_args, head_args = batch
+        out = mtl_jacobian(
+            trunk_fn,
+            heads_fn,
+            params["shared"],
+            params["heads"],
+            trunk_args,
+            head_args,
+            chunk_size=chunk_size,
+        )
+        update, weights, agg_state = aggregate(out.jacobian, weighting, agg_state)
+        grads = TensorDict({"shared": update, "heads": out.head_grads}, batch_size=[])
+        return _finish(params, grads, opt_state, agg_state, optimizer, out.losses, weights)
+
+    return step
