@@ -14,6 +14,7 @@ from torchjd_func import (
     combine,
     flatten_gramian,
     gramian,
+    inner_products,
     jacobian,
     params_of,
     reshape_weights,
@@ -154,3 +155,20 @@ def test_accumulate_grads_then_optimizer_step_matches_autograd() -> None:
 
     torch.testing.assert_close(model.weight, reference.weight)
     torch.testing.assert_close(model.bias, reference.bias)
+
+
+def test_inner_products_equal_the_matrix_vector_product() -> None:
+    jac = _random_jacobian((3, 2), torch.float64)
+    direction = TensorDict(
+        {
+            "a": {"w": torch.randn(3, 2, dtype=torch.float64, device=DEVICE)},
+            "b": torch.randn(4, dtype=torch.float64, device=DEVICE),
+        }
+    )
+    flat = torch.cat([leaf.reshape(-1) for leaf in dotted_leaves(direction).values()])
+    expected = (_concatenated(jac) @ flat).reshape(3, 2)
+    torch.testing.assert_close(inner_products(jac, direction), expected)
+    with pytest.raises(ValueError, match="keys of the Jacobian"):
+        inner_products(jac, direction.exclude("b"))
+    with pytest.raises(ValueError, match="expected"):
+        inner_products(jac, direction.set("b", torch.ones(5, dtype=torch.float64, device=DEVICE)))

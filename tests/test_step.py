@@ -117,7 +117,7 @@ def _fresh_dynamo() -> Iterator[None]:
 def _assert_same_output(actual: Any, expected: Any) -> None:
     for key, value in dotted_leaves(expected.params).items():
         assert_close(dotted_leaves(actual.params)[key], value)
-    for name in ("losses", "weights"):
+    for name in ("losses", "weights", "decrease"):
         assert_close(actual.metrics[name], expected.metrics[name])
 
 
@@ -185,6 +185,9 @@ def test_iwrm_step_is_sgd_along_the_upgrad_direction() -> None:
     out = step(params, sgd(0.5).init(params), upgrad().init(BATCH), (x, y))
 
     assert_close(out.metrics["weights"], weights)
+    # UPGrad's direction decreases every sample's loss to first order: J d >= 0.
+    assert_close(out.metrics["decrease"], matrix @ (weights @ matrix))
+    assert (out.metrics["decrease"] >= -1e-6 * matrix.norm() ** 2).all()
     new_params = dotted_leaves(out.params)
     for name, param in model.named_parameters():
         direction = torch.tensordot(weights, expected_jac[name], dims=1)

@@ -26,6 +26,7 @@ from torchjd_func.gramian import (
     combine,
     flatten_gramian,
     gramian,
+    inner_products,
     reshape_weights,
 )
 from torchjd_func.grouping import (
@@ -61,6 +62,7 @@ __all__ = [
     "gramian",
     "group_gramians",
     "group_params",
+    "inner_products",
     "jacobian",
     "mtl_jacobian",
     "params_of",

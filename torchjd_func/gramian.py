@@ -17,6 +17,7 @@ __all__ = [
     "combine",
     "flatten_gramian",
     "gramian",
+    "inner_products",
     "reshape_weights",
 ]
 
@@ -208,6 +209,56 @@ def combine(jac: TensorDictBase, weights: Weights) -> TensorDict:
         key: torch.tensordot(weights.to(leaf.dtype), leaf, dims=k) for key, leaf in found.items()
     }
     return from_leaves(combined, batch_size=[])
+
+
+def inner_products(jac: TensorDictBase, direction: TensorDictBase) -> Tensor:
+    """The product ``J d`` of a Jacobian with a params-shaped direction: one value per loss.
+
+    ``(J d)_i = <∇L_i, d>`` is the first-order change of loss ``i`` along ``d``; for an update
+    ``d`` applied as ``params - lr * d``, the losses change by ``-lr * (J d)`` to first order, so
+    a non-negative ``J d`` means no loss increases (what UPGrad guarantees).
+
+    Args:
+        jac: A Jacobian TensorDict (leaves ``[*s, *param.shape]``).
+        direction: A TensorDict with the same keys, leaves ``param.shape`` (e.g. from
+            :func:`combine`).
+
+    Returns:
+        A tensor of the losses' shape ``s``.
+
+    Raises:
+        ValueError: the keys or shapes of ``direction`` do not match the Jacobian's.
+
+    Example:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from torchjd_func import combine, inner_products
+        >>> jac = TensorDict({"p": torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])}, batch_size=[2])
+        >>> inner_products(jac, combine(jac, torch.tensor([0.5, 0.5])))  # the mean conflicts
+        tensor([-2., 8.])
+    """
+    found = _check_jacobian(jac)
+    if not isinstance(direction, TensorDictBase):
+        raise TypeError(f"`direction` must be a TensorDict, got {type(direction).__name__}.")
+    directions = leaves(direction)
+    if set(directions) != set(found):
+        raise ValueError(
+            "`direction` must have the keys of the Jacobian: "
+            f"{sorted(map(dotted, found))}, got {sorted(map(dotted, directions))}."
+        )
+    k = len(jac.batch_size)
+    total: Tensor | None = None
+    for key, leaf in found.items():
+        d = directions[key]
+        if leaf.shape[k:] != d.shape:
+            raise ValueError(
+                f"`direction[{dotted(key)!r}]` has shape {list(d.shape)}, expected "
+                f"{list(leaf.shape[k:])}."
+            )
+        term = torch.tensordot(leaf, d.to(leaf.dtype), dims=d.ndim)
+        total = term if total is None else total + term
+    assert total is not None  # _check_jacobian guarantees a leaf
+    return total
 
 
 def accumulate_grads(module: nn.Module, grads: TensorDictBase) -> None:

@@ -35,7 +35,8 @@ from typing import Any, NamedTuple
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
-from torchjd_func.aggregation import PureWeighting, aggregate
+from torchjd_func.aggregation import Aggregation, PureWeighting, aggregate
+from torchjd_func.gramian import inner_products
 from torchjd_func.jacobian import mtl_jacobian, value_and_jacobian, value_and_per_sample_jacobian
 from torchjd_func.optim import Optimizer
 
@@ -52,7 +53,10 @@ class StepOutput(NamedTuple):
     agg_state: Any
     """The weighting's new state."""
     metrics: dict[str, Tensor]
-    """``"losses"`` (before the update) and ``"weights"`` (the aggregation weights)."""
+    """``"losses"`` (before the update), ``"weights"`` (the aggregation weights) and
+    ``"decrease"``: ``J d``, the first-order decrease of each loss per unit learning rate along
+    the aggregated direction ``d`` (non-negative everywhere for UPGrad; for MTL, through the
+    shared parameters only), all in the losses' shape."""
 
 
 StepFn = Callable[[TensorDictBase, Any, Any, Sequence[Any]], StepOutput]
@@ -75,13 +79,18 @@ def _finish(
     params: TensorDictBase,
     grads: TensorDictBase,
     opt_state: Any,
-    agg_state: Any,
     optimizer: Optimizer,
     losses: Tensor,
-    weights: Tensor,
+    aggregation: Aggregation,
+    jacobian: TensorDictBase,
 ) -> StepOutput:
     new_params, new_opt_state = optimizer.update(grads, opt_state, params)
-    return StepOutput(new_params, new_opt_state, agg_state, {"losses": losses, "weights": weights})
+    metrics = {
+        "losses": losses,
+        "weights": aggregation.weights,
+        "decrease": inner_products(jacobian, aggregation.update),
+    }
+    return StepOutput(new_params, new_opt_state, aggregation.state, metrics)
 
 
 def jd_step(
@@ -126,8 +135,10 @@ def jd_step(
         params: TensorDictBase, opt_state: Any, agg_state: Any, batch: Sequence[Any]
     ) -> StepOutput:
         losses, jacobian, _ = value_and_jacobian(losses_fn, params, *batch, chunk_size=chunk_size)
-        update, weights, agg_state = aggregate(jacobian, weighting, agg_state)
-        return _finish(params, update, opt_state, agg_state, optimizer, losses, weights)
+        aggregation = aggregate(jacobian, weighting, agg_state)
+        return _finish(
+            params, aggregation.update, opt_state, optimizer, losses, aggregation, jacobian
+        )
 
     return step
 
@@ -165,8 +176,10 @@ def per_sample_step(
         losses, jacobian, _ = value_and_per_sample_jacobian(
             sample_losses_fn, params, *batch, in_dims=in_dims, chunk_size=chunk_size
         )
-        update, weights, agg_state = aggregate(jacobian, weighting, agg_state)
-        return _finish(params, update, opt_state, agg_state, optimizer, losses, weights)
+        aggregation = aggregate(jacobian, weighting, agg_state)
+        return _finish(
+            params, aggregation.update, opt_state, optimizer, losses, aggregation, jacobian
+        )
 
     return step
 
@@ -214,8 +227,8 @@ def mtl_step(
             head_args,
             chunk_size=chunk_size,
         )
-        update, weights, agg_state = aggregate(out.jacobian, weighting, agg_state)
-        grads = TensorDict({"shared": update, "heads": out.head_grads}, batch_size=[])
-        return _finish(params, grads, opt_state, agg_state, optimizer, out.losses, weights)
+        aggregation = aggregate(out.jacobian, weighting, agg_state)
+        grads = TensorDict({"shared": aggregation.update, "heads": out.head_grads}, batch_size=[])
+        return _finish(params, grads, opt_state, optimizer, out.losses, aggregation, out.jacobian)
 
     return step
