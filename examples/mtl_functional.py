@@ -1,31 +1,39 @@
-"""Functional multi-task training with torchjd_func.
+"""Multi-task training with compiled Jacobian-descent steps: UPGrad against the mean.
 
-A shared trunk and two regression heads are trained on two conflicting tasks. Each step computes,
-in one forward pass, the Jacobian of the two task losses with respect to the trunk (through the
-features) and each head's own gradient (`mtl_jacobian`), turns the Jacobian into one update
-direction with UPGrad (a pure weighting of its Gramian), and applies plain SGD to the parameter
-TensorDicts. Nothing is mutated: parameters are values passed in and returned.
+A shared trunk and two regression heads learn two deliberately conflicting tasks (the second
+target pulls the shared features against the first). The same model, from the same
+initialisation, is trained twice with a compiled `mtl_step` (one graph: forward, Jacobian of the
+task losses through the features, aggregation, SGD with momentum): once aggregating the task
+gradients with UPGrad, once with their mean. Parameters are TensorDicts passed in and returned.
 
-At every step the example also computes what the mean of the task gradients would have done and
-prints, for both, ``J @ update``: the first-order decrease of each task's loss along the update.
-The mean's can be negative (the step increases a task's loss); UPGrad's never is.
+The per-task losses of both runs are printed side by side, with `J @ d`: the first-order decrease
+of each task's loss along the aggregated direction `d`. The mean's is sometimes negative (its
+step increases a task's loss); UPGrad's never is. With matplotlib installed, the loss curves are
+written to a PNG.
 
-Run: ``python examples/mtl_functional.py [--steps N] [--weighting upgrad|mean]``
+Run: ``python examples/mtl_functional.py [--steps N] [--no-compile] [--plot PATH]``
 """
 
 import argparse
+import importlib.util
+import warnings
 
 import torch
 from tensordict import TensorDict
 from torch import Tensor, nn
 
-from torchjd_func import call, combine, gramian, mtl_jacobian, params_of
+from torchjd_func import call, params_of
 from torchjd_func.aggregation import PureWeighting, mean, upgrad
+from torchjd_func.optim import sgd
+from torchjd_func.step import StepFn, mtl_step
 
+# Printed by torch's own compiler (torch 2.13), not by this example.
+warnings.filterwarnings("ignore", message="`torch._prims_common.check` is deprecated")
+
+torch.manual_seed(0)
+trunk = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU())
+heads = nn.ModuleDict({"task1": nn.Linear(16, 1), "task2": nn.Linear(16, 1)})
 WEIGHTINGS: dict[str, PureWeighting] = {"upgrad": upgrad(), "mean": mean()}
-
-trunk = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU())
-heads = nn.ModuleDict({"task1": nn.Linear(8, 1), "task2": nn.Linear(8, 1)})
 
 
 def trunk_fn(params: TensorDict, x: Tensor) -> Tensor:
@@ -39,77 +47,91 @@ def heads_fn(params: TensorDict, features: Tensor, y1: Tensor, y2: Tensor) -> Te
     return torch.stack([(out1 - y1).pow(2).mean(), (out2 - y2).pow(2).mean()])
 
 
-def step(
-    shared: TensorDict,
-    head: TensorDict,
-    x: Tensor,
-    y1: Tensor,
-    y2: Tensor,
-    lr: float,
-    weighting: PureWeighting,
-) -> tuple[TensorDict, TensorDict, Tensor, dict[str, Tensor]]:
-    """One Jacobian-descent step.
-
-    Returns the new params, the losses, and ``J @ update`` per task for every weighting of
-    ``WEIGHTINGS`` (the first-order decrease of each loss along that weighting's update).
-    """
-    out = mtl_jacobian(trunk_fn, heads_fn, shared, head, (x,), (y1, y2))
-    gram = gramian(out.jacobian)  # [2, 2]: inner products of the task gradients
-    decreases = {}
-    for name, candidate in WEIGHTINGS.items():
-        candidate_weights, _ = candidate.update(gram, candidate.init(2))
-        decreases[name] = gram @ candidate_weights  # = J @ (Jᵀ w), without forming J
-    weights, _ = weighting.update(gram, weighting.init(2))  # both weightings are stateless
-    update = combine(out.jacobian, weights)
-    return shared - lr * update, head - lr * out.head_grads, out.losses, decreases
-
-
 def make_data(n_batches: int, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Two tasks that share inputs but pull the features in partly opposite directions."""
+    """Two tasks on the same inputs: the second target is anti-correlated with the first along
+    ``direction`` and adds a non-linear term, so the tasks pull the shared features apart."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(n_batches, batch_size, 10, generator=generator)
     direction = torch.randn(10, generator=generator)
     y1 = x @ direction + 0.1 * torch.randn(n_batches, batch_size, generator=generator)
-    y2 = -0.5 * (x @ direction) + x[..., 0] ** 2
+    y2 = -0.8 * (x @ direction) + (x[..., :3] ** 2).sum(-1)
     return x, y1, y2
 
 
-def main(steps: int = 200, lr: float = 0.05, weighting: str = "upgrad") -> dict[str, Tensor]:
-    """Trains for ``steps`` steps with the given weighting.
-
-    Returns the per-task losses ``[steps, 2]`` and, for every weighting, ``J @ update``
-    ``[steps, 2]`` at every step.
-    """
-    torch.manual_seed(0)
-    shared, head = params_of(trunk), params_of(heads)
+def train(weighting: PureWeighting, steps: int, lr: float, compile_step: bool) -> dict[str, Tensor]:
+    """Trains from the shared initialisation; returns the losses and ``J @ d`` of every step."""
+    optimizer = sgd(lr, momentum=0.5)
+    step: StepFn = mtl_step(trunk_fn, heads_fn, weighting, optimizer)
+    if compile_step:
+        step = torch.compile(step, fullgraph=True)
+    params = TensorDict({"shared": params_of(trunk), "heads": params_of(heads)})
+    opt_state, agg_state = optimizer.init(params), weighting.init(2)
     x, y1, y2 = make_data(n_batches=8, batch_size=32)
-    losses_history, decreases_history = [], []
-    print("step   task losses        J @ update (UPGrad)    J @ update (mean)")
+    losses, decreases = [], []
     for i in range(steps):
         b = i % x.shape[0]
-        shared, head, losses, decreases = step(
-            shared, head, x[b], y1[b], y2[b], lr, WEIGHTINGS[weighting]
+        out = step(params, opt_state, agg_state, ((x[b],), (y1[b], y2[b])))
+        params, opt_state, agg_state = out.params, out.opt_state, out.agg_state
+        losses.append(out.metrics["losses"])
+        decreases.append(out.metrics["decrease"])
+    return {"losses": torch.stack(losses), "decrease": torch.stack(decreases)}
+
+
+def plot(histories: dict[str, dict[str, Tensor]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for task, axis in enumerate(axes):
+        for name, history in histories.items():
+            axis.plot(history["losses"][:, task].tolist(), label=name)
+        axis.set_title(f"task {task + 1}")
+        axis.set_xlabel("step")
+        axis.set_yscale("log")
+        axis.legend()
+    axes[0].set_ylabel("loss")
+    figure.tight_layout()
+    figure.savefig(path)
+    print(f"loss curves written to {path}")
+
+
+def main(
+    steps: int = 200, lr: float = 0.05, compile_step: bool = True, plot_path: str | None = None
+) -> dict[str, dict[str, Tensor]]:
+    """Trains with every weighting of ``WEIGHTINGS``; returns their histories."""
+    histories = {
+        name: train(weighting, steps, lr, compile_step) for name, weighting in WEIGHTINGS.items()
+    }
+    print("step   UPGrad losses       mean losses         J @ d (UPGrad)      J @ d (mean)")
+    for i in [*range(0, steps, max(1, steps // 8)), steps - 1]:
+        row = [histories[name][key][i].tolist() for key in ("losses",) for name in WEIGHTINGS]
+        row += [histories[name]["decrease"][i].tolist() for name in WEIGHTINGS]
+        print(f"{i:4d}   " + "   ".join(f"{a:+8.4f} {b:+8.4f}" for a, b in row))
+    for name, history in histories.items():
+        final = history["losses"][-8:].mean(dim=0).tolist()
+        increases = int((history["decrease"] < 0).any(dim=1).sum())
+        print(
+            f"{name:>6}: final losses {final[0]:.4f} {final[1]:.4f}; steps whose update increases "
+            f"a task's loss to first order: {increases}/{steps}"
         )
-        losses_history.append(losses)
-        decreases_history.append(decreases)
-        if i % 25 == 0 or i == steps - 1:
-            up, mn = decreases["upgrad"].tolist(), decreases["mean"].tolist()
-            print(
-                f"{i:4d}   {losses[0].item():7.4f} {losses[1].item():7.4f}"
-                f"   {up[0]:+9.4f} {up[1]:+9.4f}   {mn[0]:+9.4f} {mn[1]:+9.4f}"
-            )
-    history = {"losses": torch.stack(losses_history)}
-    for name in WEIGHTINGS:
-        history[name] = torch.stack([d[name] for d in decreases_history])
-        increases = int((history[name] < 0).any(dim=1).sum())
-        print(f"steps where {name}'s update increases a task's loss to first order: {increases}")
-    return history
+    if plot_path is not None:
+        if importlib.util.find_spec("matplotlib") is None:
+            print("matplotlib is not installed: no plot (pip install matplotlib)")
+        else:
+            plot(histories, plot_path)
+    return histories
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--weighting", choices=sorted(WEIGHTINGS), default="upgrad")
+    parser.add_argument("--no-compile", action="store_true", help="run the steps eagerly")
+    parser.add_argument(
+        "--plot", default="loss_curves.png", help="where to write the plot ('none': no plot)"
+    )
     arguments = parser.parse_args()
-    main(arguments.steps, arguments.lr, arguments.weighting)
+    plot_path = None if arguments.plot == "none" else arguments.plot
+    main(arguments.steps, arguments.lr, not arguments.no_compile, plot_path)

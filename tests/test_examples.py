@@ -14,7 +14,7 @@ from torch import nn
 from tests.utils import dotted_leaves
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-SCRIPT_ARGUMENTS = {"mtl_functional.py": ["--steps", "3"]}
+SCRIPT_ARGUMENTS = {"mtl_functional.py": ["--steps", "4", "--plot", "none"]}
 
 
 def _run(script: str, seed: int = 0) -> dict[str, Any]:
@@ -22,13 +22,14 @@ def _run(script: str, seed: int = 0) -> dict[str, Any]:
     return runpy.run_path(str(EXAMPLES / script), run_name="example")
 
 
-def test_mtl_functional_trains_both_tasks_without_conflict() -> None:
-    history = _run("mtl_functional.py")["main"](steps=120)
-    losses = history["losses"]
-    assert (losses[-8:].mean(dim=0) < losses[0]).all()
+def test_main_example_trains_both_tasks_and_upgrad_never_conflicts() -> None:
+    histories = _run("mtl_functional.py")["main"](steps=120, compile_step=False)
+    for history in histories.values():
+        losses = history["losses"]
+        assert (losses[-8:].mean(dim=0) < losses[0]).all()
     # What the example claims: UPGrad's update never increases a task's loss to first order,
     # the mean's sometimes does.
-    upgrad, mean = history["upgrad"], history["mean"]
+    upgrad, mean = histories["upgrad"]["decrease"], histories["mean"]["decrease"]
     assert (upgrad >= -1e-5 * upgrad.abs().max()).all()
     assert (mean < 0).any()
 
