@@ -1,6 +1,8 @@
 """Every ``python`` code block of the README and of ``docs/`` runs."""
 
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -21,5 +23,8 @@ def test_documents_have_code() -> None:
 
 
 @pytest.mark.parametrize("code", BLOCKS)
-def test_code_block_runs(code: str) -> None:
-    exec(compile(code, "<doc>", "exec"), {"__name__": "doc"})
+def test_code_block_runs(code: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A real module, since torch.compile looks the code's globals up in sys.modules.
+    module = types.ModuleType("doc_block")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(code, "<doc>", "exec"), module.__dict__)
