@@ -52,6 +52,14 @@ def _assert_same_params(module: nn.Module, params: TensorDict, prefix: str = "")
         torch.testing.assert_close(found[prefix + name], param.detach())
 
 
+def test_seed_000_and_its_functional_twin_train_to_the_same_weights() -> None:
+    seed = _run("seed_000_iwmtl.py")
+    functional = _run("functional_000_iwmtl.py")["params"]
+    _assert_same_params(seed["shared_module"], functional["shared"])
+    _assert_same_params(seed["task1_module"], functional["task1"])
+    _assert_same_params(seed["task2_module"], functional["task2"])
+
+
 def test_seed_002_and_its_functional_twin_train_to_the_same_weights() -> None:
     seed = _run("seed_002_mtl.py")
     functional = _run("functional_002_mtl.py")

@@ -1,0 +1,189 @@
+"""Records of the calls of the engine's modules, kept in the autograd graph they belong to.
+
+A forward hook stores each call (its inputs and which of its outputs require grad) in the
+``metadata`` dict of the autograd nodes of its outputs. The record thus lives exactly as long as
+that part of the graph: a forward whose output never reaches :meth:`Engine.compute_gramian` leaves
+nothing behind once its graph is freed, and the engine itself holds no activation. A record holds
+the call's inputs (upstream of its output nodes) and never its outputs, so it closes no reference
+cycle through the C++ graph, which Python's garbage collector could not break.
+"""
+
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, cast
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
+
+# `torch.utils._pytree` is private but is what torch.func itself uses to walk module inputs and
+# outputs; TorchJD's engine relies on it too.
+from torch.utils._pytree import tree_flatten, tree_leaves
+
+_TOKENS = itertools.count()
+
+
+class OutputSlot(NamedTuple):
+    """One output of a call that requires grad: where it is in the flattened output pytree."""
+
+    position: int
+    """Position among the leaves of ``tree_flatten(output)``."""
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass(eq=False)
+class Call:
+    """One recorded call ``module(*args, **kwargs)``."""
+
+    module: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    slots: list[OutputSlot]
+    """The outputs that require grad, in the order of the output pytree's leaves."""
+    versions: list[int]
+    """Version counters of the input tensors at the end of the call."""
+
+    def input_tensors(self) -> list[Tensor]:
+        return [t for t in tree_leaves((self.args, self.kwargs)) if isinstance(t, Tensor)]
+
+
+class Reached(NamedTuple):
+    """An output of a recorded call, found in the graph of the differentiated tensor."""
+
+    call: Call
+    slot: int
+    """Index into ``call.slots``."""
+    edge: GradientEdge
+
+
+class RecordingState:
+    """What the hooks of one engine share: the metadata key and whether to record."""
+
+    def __init__(self) -> None:
+        self.key = f"torchjd_func.autogram.{next(_TOKENS)}"
+        self.paused = False
+
+
+class Recorder:
+    """Forward hook (``with_kwargs=True``) recording each call in the graph; returns ``None``,
+    so the module's outputs are left untouched."""
+
+    def __init__(self, state: RecordingState) -> None:
+        self.state = state
+
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        if self.state.paused:
+            return
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        input_edges = [_edge_key(get_gradient_edge(t)) for t in inputs if t.requires_grad]
+        slots: list[OutputSlot] = []
+        edges: list[GradientEdge] = []
+        for index, leaf in enumerate(tree_flatten(output)[0]):
+            if not isinstance(leaf, Tensor) or leaf.grad_fn is None:
+                # No graph (no grad needed) or a leaf tensor (a parameter returned as is): nothing
+                # to record. A parameter used that way is caught by `check_params_used_inside`.
+                continue
+            edge = get_gradient_edge(leaf)
+            if _edge_key(edge) in input_edges:
+                # An input returned unchanged carries no derivative w.r.t. the module's params;
+                # recording it would also make the record reference its own node (a cycle).
+                continue
+            slots.append(OutputSlot(index, leaf.shape, leaf.dtype, leaf.device))
+            edges.append(edge)
+        if not slots:
+            return
+        call = Call(module, args, kwargs, slots, [t._version for t in inputs])
+        for slot, edge in enumerate(edges):
+            _metadata(edge.node).setdefault(self.state.key, []).append((call, slot, edge.output_nr))
+
+
+def _metadata(node: Node) -> dict[str, Any]:
+    # A property at run time, declared as a method in torch's annotations.
+    return cast("dict[str, Any]", node.metadata)
+
+
+def _edge_key(edge: GradientEdge) -> tuple[int, int]:
+    return id(edge.node), edge.output_nr
+
+
+def _next_nodes(node: Node) -> list[Node]:
+    return [child for child, _ in node.next_functions if child is not None]
+
+
+def _walk(root: Node, children: Callable[[Node], Iterable[Node]]) -> list[Node]:
+    """The nodes reachable from ``root``, each once (they are kept alive by the returned list, so
+    their ids stay unique)."""
+    seen = {id(root)}
+    stack, order = [root], []
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        for child in children(node):
+            if id(child) not in seen:
+                seen.add(id(child))
+                stack.append(child)
+    return order
+
+
+def _entries(node: Node, key: str) -> list[tuple[Call, int, int]]:
+    entries: list[tuple[Call, int, int]] = _metadata(node).get(key, [])
+    return entries
+
+
+def reached_calls(root: Node, key: str) -> tuple[list[Reached], list[Node]]:
+    """The recorded outputs that ``root`` depends on, and the nodes holding their records."""
+    reached: list[Reached] = []
+    holders: list[Node] = []
+    for node in _walk(root, _next_nodes):
+        entries = _entries(node, key)
+        if entries:
+            holders.append(node)
+            reached.extend(
+                Reached(call, slot, GradientEdge(node, nr)) for call, slot, nr in entries
+            )
+    return reached, holders
+
+
+def forget(holders: Iterable[Node], key: str) -> None:
+    """Drops the records from the graph, releasing the inputs they hold."""
+    for node in holders:
+        _metadata(node).pop(key, None)
+
+
+def check_params_used_inside(root: Node, key: str, owners: dict[int, str]) -> None:
+    """Raises if a parameter named in ``owners`` (by id) reaches ``root`` other than through a
+    recorded call.
+
+    The walk jumps over each recorded call, from its output nodes straight to its inputs, so a
+    parameter still found on the way is used outside the forward of the module that holds it
+    (e.g. a parent module using ``self.child.weight`` directly): its derivative would be
+    missing from the per-sample Jacobians.
+    """
+
+    def children(node: Node) -> list[Node]:
+        entries = _entries(node, key)
+        if not entries:
+            return _next_nodes(node)
+        return [
+            get_gradient_edge(t).node
+            for call, _, _ in entries
+            for t in call.input_tensors()
+            if t.requires_grad
+        ]
+
+    for node in _walk(root, children):
+        variable = getattr(node, "variable", None)  # set on AccumulateGrad nodes only
+        if not _entries(node, key) and isinstance(variable, Tensor) and id(variable) in owners:
+            raise ValueError(
+                f"The parameter {owners[id(variable)]} is used outside the recorded forward of "
+                "the module that holds it, e.g. by a parent module reading `self.child.weight` "
+                "instead of calling `self.child`, by code outside the modules, or because it was "
+                "made trainable after the Engine was created. With `batch_dim` set, each "
+                "parameter must be used only inside the forward of its module: call the module "
+                "(or re-create the Engine), or use `batch_dim=None`, which works for any code."
+            )
