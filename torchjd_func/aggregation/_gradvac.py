@@ -38,7 +38,7 @@ from torchjd_func.aggregation._base import (
     Weighting,
     check_gramian,
 )
-from torchjd_func.aggregation._random import RandomState, seed_or_draw
+from torchjd_func.aggregation._random import keyed, seed_or_draw
 from torchjd_func.aggregation._upgrad import check_eps
 
 __all__ = [
@@ -166,20 +166,7 @@ def pcgrad(*, seed: int = 0) -> PureWeighting:
         tensor([2.2222, 1.5789])
     """
 
-    def init(
-        m: int,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> RandomState:
-        del m, dtype
-        return RandomState(key_from_seed(seed, device))
-
-    def update(gramian: Tensor, state: RandomState) -> tuple[Tensor, RandomState]:
-        kept, used = split(state.key)
-        return pcgrad_weights(gramian, used), RandomState(kept)
-
-    return PureWeighting(init, update)
+    return keyed(pcgrad_weights, seed)
 
 
 def gradvac(beta: float = 0.5, eps: float = 1e-8, *, seed: int = 0) -> PureWeighting:

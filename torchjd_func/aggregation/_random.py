@@ -7,6 +7,7 @@ The randomness is explicit: the state holds a key of the counter-based generator
 ``torchjd_func._prng``, split at every call, so runs are reproducible and resumable.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -20,7 +21,15 @@ from torchjd_func.aggregation._base import (
     check_gramian,
 )
 
-__all__ = ["Random", "RandomState", "RandomWeighting", "random_", "random_weights", "seed_or_draw"]
+__all__ = [
+    "Random",
+    "RandomState",
+    "RandomWeighting",
+    "keyed",
+    "random_",
+    "random_weights",
+    "seed_or_draw",
+]
 
 
 class RandomState(NamedTuple):
@@ -69,6 +78,13 @@ def random_(*, seed: int = 0) -> PureWeighting:
         True
     """
 
+    return keyed(random_weights, seed)
+
+
+def keyed(kernel: Callable[[Tensor, Tensor], Tensor], seed: int) -> PureWeighting:
+    """A :class:`PureWeighting` of a randomised ``kernel(gramian, key)``: its state is a
+    :class:`RandomState` whose key is split at every call."""
+
     def init(
         m: int,
         *,
@@ -80,7 +96,7 @@ def random_(*, seed: int = 0) -> PureWeighting:
 
     def update(gramian: Tensor, state: RandomState) -> tuple[Tensor, RandomState]:
         kept, used = split(state.key)
-        return random_weights(gramian, used), RandomState(kept)
+        return kernel(gramian, used), RandomState(kept)
 
     return PureWeighting(init, update)
 
