@@ -17,8 +17,9 @@ Algorithm (details and measurements in ``docs/qp.md``): a primal-dual active-set
 i.e. semismooth Newton on ``min(y, w) = 0``) with a fixed number of iterations and best-iterate
 tracking, each iteration being one batched Cholesky factorisation of the masked matrices
 ``D G D + (I − D)``; then, only for problems that have not converged (PDAS can cycle), a Mehrotra
-predictor-corrector interior-point method followed by a few PDAS "polish" steps. Everything runs
-in float64 on the input's device with fixed trip counts, so the solvers compile with
+predictor-corrector interior-point method followed by a few PDAS "polish" steps, selected with
+:func:`torch.cond`. Everything runs in float64 on the input's device with fixed trip counts (no
+``.item()``, no numpy, no data-dependent Python control flow), so the solvers compile with
 ``torch.compile(fullgraph=True)`` and work under :func:`torch.vmap`.
 """
 
@@ -41,7 +42,8 @@ __all__ = [
 ]
 
 # Float32 solves lose about four digits on these problems (κ up to ~1e4 after the
-# regularisation), so every solve runs in float64 and only the result is cast back.
+# regularisation; 1.5e-4 relative error of UPGrad's weights was measured), so every solve runs
+# in float64 and only the result is cast back.
 _SOLVE_DTYPE = torch.float64
 _EPS = torch.finfo(_SOLVE_DTYPE).eps
 
@@ -102,14 +104,23 @@ def _residual(gramian: Tensor, c: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return w, natural / scale.clamp_min(_tiny(scale))
 
 
+def _cholesky(matrices: Tensor) -> Tensor:
+    """Upper Cholesky factor ``U`` ``[..., m, m]`` (``A = UᵀU``), without raising on failure.
+
+    (The upper factor measured ~7% faster than the lower one on CPU for ``[128, 128, 128]``.)
+    """
+    factor: Tensor = torch.linalg.cholesky_ex(matrices, upper=True)[0]
+    return factor
+
+
 def _cholesky_solve(factor: Tensor, rhs: Tensor) -> Tensor:
-    """``A⁻¹ rhs`` for ``A = L Lᵀ``, L ``[..., m, m]``, rhs ``[..., m]``.
+    """``A⁻¹ rhs`` for ``A = UᵀU``, U ``[..., m, m]``, rhs ``[..., m]``.
 
     Two triangular solves rather than ``torch.cholesky_solve``, which cannot be captured in CUDA
     graphs.
     """
-    half = torch.linalg.solve_triangular(factor, rhs[..., None], upper=False)
-    solution: Tensor = torch.linalg.solve_triangular(factor.mT, half, upper=True)
+    half = torch.linalg.solve_triangular(factor.mT, rhs[..., None], upper=False)
+    solution: Tensor = torch.linalg.solve_triangular(factor, half, upper=True)
     return solution[..., 0]
 
 
@@ -132,8 +143,7 @@ def _masked_solve(gramian: Tensor, c: Tensor, free: Tensor) -> Tensor:
     # which torch.cond would lift to an operand, and which its vmap rule rejects.
     bound = torch.diag_embed((~free).to(c.dtype))
     system = torch.where(both_free, gramian[..., None, :, :], bound)
-    factor, _ = torch.linalg.cholesky_ex(system)
-    return torch.where(free, _cholesky_solve(factor, -c), torch.zeros_like(c))
+    return torch.where(free, _cholesky_solve(_cholesky(system), -c), torch.zeros_like(c))
 
 
 def _repeat(
@@ -212,8 +222,7 @@ def _ipm(gramian: Tensor, c: Tensor, iters: int, *, unroll: bool) -> Tensor:
         y, z = carry
         primal = y @ gramian + c - z
         mu = (y * z).mean(dim=-1, keepdim=True)
-        system = gramian[..., None, :, :] + torch.diag_embed(z / y)
-        factor, _ = torch.linalg.cholesky_ex(system)
+        factor = _cholesky(gramian[..., None, :, :] + torch.diag_embed(z / y))
         # Substituting dz = G dy + primal into Z dy + Y dz = rhs: (G + Z/Y) dy = rhs/Y − primal.
         dy_aff = _cholesky_solve(factor, -z - primal)
         dz_aff = dy_aff @ gramian + primal
@@ -351,7 +360,7 @@ def solve_box_qp(
     # Cholesky reads one triangle, the residual both: make them agree.
     g64 = 0.5 * (g64 + g64.mT)
     with torch.no_grad():
-        _, info = torch.linalg.cholesky_ex(g64)
+        _, info = torch.linalg.cholesky_ex(g64, upper=True)
         max_diag = g64.diagonal(dim1=-2, dim2=-1).amax(dim=-1)
         ridge = torch.where(info == 0, torch.zeros_like(max_diag), m * _EPS * max_diag)
     g64 = g64 + ridge[..., None, None] * eye
@@ -448,8 +457,8 @@ def upgrad_weights(
         reg_eps: See :func:`normalize_regularize`.
 
     Returns:
-        Weights ``[..., m]`` in the dtype of ``gramian``; NaN where the Gramian (or ``pref``) has
-        a NaN or ±Inf entry.
+        Weights ``[..., m]`` in the dtype of ``gramian``; all NaN for a Gramian (or preference
+        vector) with a NaN or ±Inf entry.
 
     Example:
         >>> import torch
@@ -482,8 +491,8 @@ def dualproj_weights(
         reg_eps: See :func:`normalize_regularize`.
 
     Returns:
-        Weights ``[..., m]`` in the dtype of ``gramian``; NaN where the Gramian (or ``pref``) has
-        a NaN or ±Inf entry.
+        Weights ``[..., m]`` in the dtype of ``gramian``; all NaN for a Gramian (or preference
+        vector) with a NaN or ±Inf entry.
 
     Example:
         >>> import torch
@@ -503,20 +512,21 @@ def mgda_weights(gramian: Tensor, *, reg_eps: float = 1e-8) -> Tensor:
     https://arxiv.org/abs/1810.04650. With ``ν = αᵀGα > 0`` and ``y = α/ν``, the KKT conditions
     are the LCP ``y ≥ 0, Gy − 1 ≥ 0, yᵀ(Gy − 1) = 0``, solved by :func:`solve_box_qp` on
     ``G' = G/tr(G) + reg_eps·I`` (positive definite, so the LCP has a solution even when 0 is in
-    the convex hull); ``α = y / Σy``. A zero Gramian gives uniform weights. There is no trace
-    threshold (TorchJD's MGDA does not normalise either): only the scale-free ``G/tr(G)`` is used.
+    the convex hull); ``α = y / Σy``. The solution does not depend on the scale of ``G``, so
+    unlike UPGrad's this normalisation has no threshold: only a zero Gramian stays zero, and gets
+    uniform weights.
 
     Accuracy: ``α`` is optimal for ``G'`` to rounding, so the KKT conditions of the original
     problem hold up to ``reg_eps·tr(G)``: with ``λ = αᵀGα``, ``min_i (Gα)_i − λ ≥ −reg_eps·tr(G)``
-    and ``|α_i ((Gα)_i − λ)| ≤ reg_eps·tr(G)``. TorchJD's Frank-Wolfe stops instead on a step size
-    (``epsilon=1e-3``, at most 100 iterations), which leaves objective gaps up to ~1e-3.
+    and ``|α_i ((Gα)_i − λ)| ≤ reg_eps·tr(G)``, up to rounding. (TorchJD's Frank-Wolfe stops on a
+    step size instead, ``epsilon=1e-3`` and at most 100 iterations.)
 
     Args:
         gramian: PSD Gramians ``[..., m, m]``.
         reg_eps: Regularisation added to the trace-normalised Gramian; must be positive.
 
     Returns:
-        Weights on the simplex ``[..., m]`` in the dtype of ``gramian``; NaN where the Gramian has
+        Weights on the simplex ``[..., m]`` in the dtype of ``gramian``; all NaN for a Gramian with
         a NaN or ±Inf entry.
 
     Raises:
