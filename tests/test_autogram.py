@@ -97,6 +97,20 @@ def test_gramian_matches_reference(
     check_against_reference(engine, modules, output)
 
 
+@pytest.mark.parametrize("shape", ["[]", "[B, m]"])
+@pytest.mark.parametrize("arch", ENGINE_ARCHITECTURES, ids=str)
+def test_generic_path_matches_reference(arch: Architecture, shape: str) -> None:
+    """With the closed-form per-layer Gramians switched off (``_fast_gramians``), every module
+    takes the generic per-sample re-run, with the same result."""
+    dtype = torch.float64
+    model = build(arch, dtype, DEVICE)
+    modules = engine_modules(model)
+    engine = Engine(*modules, batch_dim=0)
+    engine._fast_gramians = False
+    output = REDUCTIONS[shape](squared_errors(model, arch, dtype))
+    check_against_reference(engine, modules, output)
+
+
 @pytest.mark.parametrize("arch", ENGINE_ARCHITECTURES[:4], ids=str)
 def test_batch_on_another_dim_and_reduced_outputs(arch: Architecture) -> None:
     dtype = torch.float64

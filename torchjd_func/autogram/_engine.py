@@ -10,7 +10,9 @@ Two ways, chosen by ``batch_dim``:
   over the batch, an identity over the other dims of ``output``); then each module's forward is
   re-run on one sample at a time (``torch.func.functional_call`` + ``vjp`` under ``vmap`` over the
   batch), which gives its per-sample parameter gradients, squared into the Gramian module by
-  module: ``G = Σ_modules J_mod J_modᵀ``.
+  module: ``G = Σ_modules J_mod J_modᵀ``. Units that are exactly an ``nn.Linear``,
+  ``nn.Conv1d``/``nn.Conv2d`` or ``nn.Embedding`` skip the re-run: their Gramian comes in closed
+  form from the recorded inputs and the cotangents (:mod:`torchjd_func.autogram._fast`).
 """
 
 import weakref
@@ -25,6 +27,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_map_only
 from torch.utils.hooks import RemovableHandle
 
+from torchjd_func.autogram._fast import DISPATCH, fast_square_gramian
 from torchjd_func.autogram._recording import (
     Call,
     Reached,
@@ -154,6 +157,9 @@ class Engine:
         self._modules = modules
         self._batch_dim = batch_dim
         self._state = RecordingState()
+        self._fast_gramians = True
+        """Closed-form Gramians of supported layers (``False``: the generic re-run for all,
+        an escape hatch used by the tests to compare both)."""
         self._units: list[nn.Module] = []
         handles: list[RemovableHandle] = []
         if batch_dim is not None:
@@ -267,7 +273,9 @@ class Engine:
                 raise _not_depending(recorded=True)
             self._state.paused = True
             try:
-                total = _sum_gramians(output.shape, batch_dim if batched else None, cotangents)
+                total = _sum_gramians(
+                    output.shape, batch_dim if batched else None, cotangents, self._fast_gramians
+                )
             finally:
                 self._state.paused = False
         finally:
@@ -456,15 +464,26 @@ def _dedup_edges(reached: Sequence[Reached]) -> list[Reached]:
 
 
 def _sum_gramians(
-    shape: torch.Size, batch_dim: int | None, cotangents: dict[Call, list[Tensor | None]]
+    shape: torch.Size,
+    batch_dim: int | None,
+    cotangents: dict[Call, list[Tensor | None]],
+    fast: bool = True,
 ) -> Tensor:
     """``Σ_groups J_group J_groupᵀ`` as a generalized Gramian, one group of modules at a time.
 
     Modules sharing a parameter form one group (their Jacobians w.r.t. it are summed before
-    squaring); the calls of one module are summed likewise.
+    squaring); the calls of one module are summed likewise. A group made of one supported layer
+    (``fast``) gets its Gramian in closed form, without its per-sample Jacobian.
     """
     total: Tensor | None = None
     for calls in _groups(list(cotangents)):
+        if fast:
+            params = _params_of(calls[0].module)
+            square = fast_square_gramian(calls, cotangents, params, batch_dim is not None)
+            if square is not None:
+                group_gramian = _generalize(square, shape, batch_dim)
+                total = group_gramian if total is None else total + group_gramian
+                continue
         jacobian: dict[int, Tensor] = {}  # id(param) -> [B, R, *param.shape]
         for call in calls:
             params = _params_of(call.module)
@@ -522,6 +541,7 @@ def _per_sample_grads(
     vector-Jacobian product of the module's outputs on sample ``b`` alone with the sample-``b`` part
     of the row-``r`` cotangents, by ``vjp`` of a functional call under ``vmap`` over the batch."""
     module = call.module
+    DISPATCH["generic"] += 1
     n_rows = next(c for c in cotangents if c is not None).shape[0]
     filled = tuple(
         c if c is not None else torch.zeros(n_rows, *s.shape, dtype=s.dtype, device=s.device)
@@ -573,3 +593,21 @@ def _gramian_of_rows(
     square = gramian(TensorDict(leaves, batch_size=moved))
     n_dims = len(shape)
     return square.movedim(0, batch_dim).movedim(2 * n_dims - 1, 2 * n_dims - 1 - batch_dim)
+
+
+def _generalize(square: Tensor, shape: torch.Size, batch_dim: int | None) -> Tensor:
+    """A square Gramian ``[B, R, B, R]`` over (sample, row) pairs (``B = 1`` when ``output`` has
+    no batch dim; rows in the order of ``output`` without ``batch_dim``) as the generalized
+    Gramian ``[*shape, *reversed(shape)]``."""
+    if batch_dim is None:
+        moved = shape
+    else:
+        moved = torch.Size([shape[batch_dim], *shape[:batch_dim], *shape[batch_dim + 1 :]])
+    n_dims = len(moved)
+    # [*moved, *moved] -> [*moved, *reversed(moved)]
+    result = square.reshape((*moved, *moved)).permute(
+        (*range(n_dims), *reversed(range(n_dims, 2 * n_dims)))
+    )
+    if batch_dim is None:
+        return result
+    return result.movedim(0, batch_dim).movedim(2 * n_dims - 1, 2 * n_dims - 1 - batch_dim)
