@@ -1,0 +1,80 @@
+"""Smoke test of ``benchmarks/bench_steps.py``: it runs and reports numbers (no speed claims)."""
+
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_steps.py"
+CONFIGS = ["mtl-m2", "iwrm-b32"]
+
+
+def _load_script() -> ModuleType:
+    # Loaded from its path: `benchmarks` is a directory of scripts, not a package.
+    spec = importlib.util.spec_from_file_location("bench_steps", SCRIPT)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table(text: str, first_column: str) -> dict[str, list[str]]:
+    """The rows of the markdown table whose header starts with ``first_column``, by name."""
+    lines = text.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith(f"| {first_column} |")))
+    rows: dict[str, list[str]] = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0].split(" ")[0]] = cells[1:]
+    return rows
+
+
+def _milliseconds(cell: str) -> float:
+    match = re.fullmatch(r"([0-9.e+-]+) ms( \(([0-9.]+)×\))?( \[n=\d+\])?", cell)
+    assert match is not None, cell
+    value = float(match.group(1))
+    assert math.isfinite(value)
+    assert value > 0
+    if match.group(3) is not None:
+        assert math.isfinite(float(match.group(3)))
+        assert float(match.group(3)) > 0
+    return value
+
+
+def test_quick_run_reports_every_step(tmp_path: Path) -> None:
+    bench_steps = _load_script()
+    out = tmp_path / "steps.md"
+    # backend="eager": dynamo still traces the whole step with fullgraph=True, without the minutes
+    # inductor would take; two timed steps keep the test short.
+    options = ["--repeats", "2", "--warmup", "1", "--backend", "eager", "--out", str(out)]
+    text: str = bench_steps.main(["--quick", "--configs", *CONFIGS, *options])
+    assert out.read_text() == text
+
+    times = _table(text, "config | losses")
+    assert list(times) == CONFIGS
+    for name, cells in times.items():
+        n_losses, sgd_ms, eager, compiled, reference, target = cells
+        assert int(n_losses) == bench_steps.CONFIGS[name].n_losses
+        assert sgd_ms.endswith("(1.00×)")
+        for cell in (sgd_ms, eager, compiled):
+            _milliseconds(cell)
+        if bench_steps.torchjd_missing() is None:
+            _milliseconds(reference)
+        assert target.startswith("≤ 1.3×") if name.startswith("mtl") else target == "none"
+
+    memory = _table(text, "config | SGD")
+    assert list(memory) == CONFIGS
+    for cells in memory.values():
+        assert cells[:4] == ["n/a"] * 4  # memory is only measured with a process per cell
+        assert float(cells[4]) > 0  # compile + first step
+
+    parts = _table(text, "config | Jacobian (incl. forward)")
+    assert list(parts) == CONFIGS
+    for cells in parts.values():
+        assert all(math.isfinite(float(cell)) and float(cell) > 0 for cell in cells)
