@@ -62,8 +62,8 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from torchjd_func import call, combine, flatten_gramian, gramian, params_of
+from torchjd_func._jacobian import mtl_jacobian, value_and_per_sample_jacobian
 from torchjd_func.aggregation import upgrad, upgrad_weights
-from torchjd_func.jacobian import mtl_jacobian, value_and_per_sample_jacobian
 from torchjd_func.optim import sgd
 from torchjd_func.step import StepFn, mtl_step, per_sample_step
 

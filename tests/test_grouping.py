@@ -19,7 +19,7 @@ from torchjd_func import (
     params_of,
     split_by_group,
 )
-from torchjd_func.grouping import ROOT
+from torchjd_func._grouping import ROOT
 
 STRATEGIES: list[GroupingStrategy] = ["together", "per_network", "per_layer", "per_tensor"]
 

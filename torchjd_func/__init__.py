@@ -19,9 +19,7 @@ Example:
     >>> params = params - 0.1 * update
 """
 
-from torchjd_func._tree import call, params_of
-from torchjd_func._types import Gramian, Jacobian, Params, Weights
-from torchjd_func.gramian import (
+from torchjd_func._gramian import (
     accumulate_grads,
     combine,
     flatten_gramian,
@@ -29,14 +27,14 @@ from torchjd_func.gramian import (
     inner_products,
     reshape_weights,
 )
-from torchjd_func.grouping import (
+from torchjd_func._grouping import (
     GroupingStrategy,
     Groups,
     group_gramians,
     group_params,
     split_by_group,
 )
-from torchjd_func.jacobian import (
+from torchjd_func._jacobian import (
     JacobianOutput,
     MTLJacobian,
     jacobian,
@@ -45,6 +43,8 @@ from torchjd_func.jacobian import (
     value_and_jacobian,
     value_and_per_sample_jacobian,
 )
+from torchjd_func._tree import call, params_of
+from torchjd_func._types import Gramian, Jacobian, Params, Weights
 
 __all__ = [
     "Gramian",

@@ -35,9 +35,9 @@ from typing import Any, NamedTuple
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
+from torchjd_func._gramian import inner_products
+from torchjd_func._jacobian import mtl_jacobian, value_and_jacobian, value_and_per_sample_jacobian
 from torchjd_func.aggregation import Aggregation, PureWeighting, aggregate
-from torchjd_func.gramian import inner_products
-from torchjd_func.jacobian import mtl_jacobian, value_and_jacobian, value_and_per_sample_jacobian
 from torchjd_func.optim import Optimizer
 
 __all__ = ["StepFn", "StepOutput", "jd_step", "mtl_step", "per_sample_step"]

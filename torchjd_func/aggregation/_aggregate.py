@@ -6,10 +6,10 @@ from typing import Any, NamedTuple
 import torch
 from tensordict import TensorDict, TensorDictBase
 
+from torchjd_func._gramian import combine, flatten_gramian, gramian, reshape_weights
+from torchjd_func._grouping import GroupingStrategy, Groups, group_params
 from torchjd_func._tree import from_leaves, leaves
 from torchjd_func.aggregation._base import PureWeighting
-from torchjd_func.gramian import combine, flatten_gramian, gramian, reshape_weights
-from torchjd_func.grouping import GroupingStrategy, Groups, group_params
 
 __all__ = ["Aggregation", "GroupAggregation", "aggregate", "aggregate_groups", "init_group_states"]
 

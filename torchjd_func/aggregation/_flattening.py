@@ -2,8 +2,8 @@
 
 from torch import Tensor
 
+from torchjd_func._gramian import flatten_gramian, reshape_weights
 from torchjd_func.aggregation._base import Weighting
-from torchjd_func.gramian import flatten_gramian, reshape_weights
 
 __all__ = ["Flattening"]
 

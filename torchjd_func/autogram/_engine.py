@@ -27,6 +27,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_map_only
 from torch.utils.hooks import RemovableHandle
 
+from torchjd_func._gramian import gramian
 from torchjd_func.autogram._fast import DISPATCH, fast_square_gramian
 from torchjd_func.autogram._recording import (
     Call,
@@ -37,7 +38,6 @@ from torchjd_func.autogram._recording import (
     forget,
     reached_calls,
 )
-from torchjd_func.gramian import gramian
 
 __all__ = ["Engine"]
 

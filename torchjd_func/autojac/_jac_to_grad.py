@@ -6,9 +6,9 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 
+from torchjd_func._gramian import combine, gramian
 from torchjd_func.aggregation import Aggregator, GramianWeightedAggregator
 from torchjd_func.autojac._utils import accumulate_grads, as_tensors
-from torchjd_func.gramian import combine, gramian
 
 __all__ = ["jac_to_grad"]
 

@@ -23,9 +23,9 @@ from typing import Literal, TypeAlias
 
 from tensordict import TensorDict, TensorDictBase
 
+from torchjd_func._gramian import gramian
 from torchjd_func._tree import dotted, leaves
 from torchjd_func._types import LeafKey
-from torchjd_func.gramian import gramian
 
 __all__ = ["GroupingStrategy", "Groups", "group_gramians", "group_params", "split_by_group"]
 
