@@ -19,10 +19,8 @@ from torchjd_func.aggregation._base import (
     PureWeighting,
     Weighting,
     check_gramian,
-    stateless,
 )
-from torchjd_func.aggregation._constant import check_vector
-from torchjd_func.aggregation._upgrad import check_eps, check_pref
+from torchjd_func.aggregation._upgrad import check_pref, projection_weighting
 
 __all__ = ["DualProj", "DualProjWeighting", "dualproj", "dualproj_weights"]
 
@@ -69,13 +67,7 @@ def dualproj(
         >>> dualproj().update(J @ J.T, dualproj().init(2))[0]
         tensor([0.6109, 0.5000])
     """
-    if pref_vector is not None:
-        check_vector(pref_vector, "pref_vector")
-    norm = check_eps(norm_eps, "norm_eps")
-    reg = check_eps(reg_eps, "reg_eps")
-    return stateless(
-        lambda gramian: dualproj_weights(gramian, pref_vector, norm_eps=norm, reg_eps=reg)
-    )
+    return projection_weighting(dualproj_weights, pref_vector, norm_eps, reg_eps)
 
 
 class DualProjWeighting(Weighting):

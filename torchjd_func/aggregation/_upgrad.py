@@ -15,6 +15,8 @@ preference vector (``1/m`` by default). As in TorchJD, the Gramian is normalised
 which are solved together, batched and on the Gramian's device (``torchjd_func._qp``).
 """
 
+from collections.abc import Callable
+
 from torch import Tensor
 
 from torchjd_func._qp import upgrad_weights as _upgrad_weights
@@ -27,7 +29,15 @@ from torchjd_func.aggregation._base import (
 )
 from torchjd_func.aggregation._constant import check_vector
 
-__all__ = ["UPGrad", "UPGradWeighting", "check_eps", "check_pref", "upgrad", "upgrad_weights"]
+__all__ = [
+    "UPGrad",
+    "UPGradWeighting",
+    "check_eps",
+    "check_pref",
+    "projection_weighting",
+    "upgrad",
+    "upgrad_weights",
+]
 
 
 def check_eps(value: object, name: str, *, positive: bool = False) -> float:
@@ -93,13 +103,19 @@ def upgrad(
         >>> upgrad().update(J @ J.T, upgrad().init(2))[0]
         tensor([1.1109, 0.7894])
     """
+    return projection_weighting(upgrad_weights, pref_vector, norm_eps, reg_eps)
+
+
+def projection_weighting(
+    kernel: Callable[..., Tensor], pref_vector: Tensor | None, norm_eps: float, reg_eps: float
+) -> PureWeighting:
+    """A stateless :class:`PureWeighting` of a dual-cone projection kernel (UPGrad, DualProj),
+    with its hyperparameters validated once, at construction."""
     if pref_vector is not None:
         check_vector(pref_vector, "pref_vector")
     norm = check_eps(norm_eps, "norm_eps")
     reg = check_eps(reg_eps, "reg_eps")
-    return stateless(
-        lambda gramian: upgrad_weights(gramian, pref_vector, norm_eps=norm, reg_eps=reg)
-    )
+    return stateless(lambda gramian: kernel(gramian, pref_vector, norm_eps=norm, reg_eps=reg))
 
 
 class UPGradWeighting(Weighting):
