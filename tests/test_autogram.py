@@ -14,6 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from tests.architectures import ARCHITECTURES, M_OUT, REDUCTIONS, Architecture, build
 from tests.settings import DEVICE
+from tests.utils import reference_gramian
 from torchjd_func import call, combine, flatten_gramian, gramian, params_of, value_and_jacobian
 from torchjd_func.aggregation import Flattening, UPGradWeighting
 from torchjd_func.autogram import Engine
@@ -26,26 +27,6 @@ TOLERANCES = {torch.float32: (1e-4, 3e-5), torch.float64: (1e-9, 1e-11)}
 def assert_close(actual: Tensor, expected: Tensor) -> None:
     rtol, atol = TOLERANCES[expected.dtype]
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
-
-
-def trainable_params(modules: tuple[nn.Module, ...]) -> list[Tensor]:
-    found = {id(p): p for m in modules for p in m.parameters() if p.requires_grad}
-    return list(found.values())
-
-
-def reference_gramian(modules: tuple[nn.Module, ...], output: Tensor) -> Tensor:
-    """``J Jᵀ`` with ``J`` built row by row: one ``torch.autograd.grad`` per element of
-    ``output``, w.r.t. the modules' trainable parameters, concatenated."""
-    params = trainable_params(modules)
-    rows = []
-    for value in output.reshape(-1):
-        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-        parts = [
-            torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
-        ]
-        rows.append(torch.cat([part.reshape(-1) for part in parts]))
-    jac = torch.stack(rows)
-    return jac @ jac.T
 
 
 class Transformer(nn.Module):

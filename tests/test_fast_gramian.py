@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from tests.settings import DEVICE
+from tests.utils import reference_gramian
 from torchjd_func import flatten_gramian
 from torchjd_func.autogram import Engine, _fast
 
@@ -21,20 +22,6 @@ TOLERANCES = {torch.float32: (1e-4, 3e-5), torch.float64: (1e-9, 1e-11)}
 def assert_close(actual: Tensor, expected: Tensor) -> None:
     rtol, atol = TOLERANCES[expected.dtype]
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
-
-
-def reference_gramian(model: nn.Module, output: Tensor) -> Tensor:
-    """``J Jᵀ``, ``J`` built by one ``torch.autograd.grad`` per element of ``output``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for value in output.reshape(-1):
-        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-        parts = [
-            torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
-        ]
-        rows.append(torch.cat([part.reshape(-1) for part in parts]))
-    jac = torch.stack(rows)
-    return jac @ jac.T
 
 
 @pytest.fixture
@@ -149,7 +136,7 @@ def test_fast_equals_reference_and_generic(
     assert dispatch.get("generic", 0) == 0
     for way in case.ways:
         assert dispatch.get(way, 0) > 0, (way, dict(dispatch))
-    assert_close(fast, reference_gramian(model, output))
+    assert_close(fast, reference_gramian((model,), output))
     generic, _ = engine_gramian(model, x, shape, fast=False)
     assert dispatch["generic"] > 0
     assert_close(fast, generic)
@@ -160,7 +147,7 @@ def check(model: nn.Module, output_of: Callable[[], Tensor], batch_dim: int = 0)
     output = output_of()
     gramian = engine.compute_gramian(output)
     assert gramian.shape == (*output.shape, *reversed(output.shape))
-    assert_close(flatten_gramian(gramian), reference_gramian(model, output))
+    assert_close(flatten_gramian(gramian), reference_gramian((model,), output))
 
 
 def test_other_output_shapes(dispatch: dict[str, int]) -> None:

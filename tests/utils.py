@@ -2,7 +2,7 @@
 
 import torch
 from tensordict import TensorDictBase
-from torch import Tensor
+from torch import Tensor, nn
 
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-9, 1e-11)}
 """(rtol, atol) by dtype."""
@@ -36,3 +36,18 @@ def assert_leaves_close(actual: TensorDictBase, expected: dict[str, Tensor]) -> 
         assert value.shape == reference.shape, name
         assert value.dtype == reference.dtype, name
         assert_close(value, reference)
+
+
+def reference_gramian(modules: tuple[nn.Module, ...], output: Tensor) -> Tensor:
+    """``J Jᵀ`` with ``J`` built row by row: one ``torch.autograd.grad`` per element of
+    ``output``, w.r.t. the modules' trainable parameters, concatenated."""
+    params = list({id(p): p for m in modules for p in m.parameters() if p.requires_grad}.values())
+    rows = []
+    for value in output.reshape(-1):
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        parts = [
+            torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
+        ]
+        rows.append(torch.cat([part.reshape(-1) for part in parts]))
+    jac = torch.stack(rows)
+    return jac @ jac.T
