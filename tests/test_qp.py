@@ -16,6 +16,9 @@ from torch import Tensor
 
 from tests.settings import DEVICE, DTYPE
 from torchjd_func._qp import (
+    _inverse,
+    _padded_pair,
+    _reduced_solve,
     dual_cone_projection,
     dualproj_weights,
     mgda_weights,
@@ -343,6 +346,31 @@ def test_fallback_solves_what_pdas_alone_cannot() -> None:
     for y in (default, always, interior_point_only):
         assert natural_residual(g, c, y).max() <= 1e-9
     torch.testing.assert_close(default, always, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 17])
+def test_reduced_solve_equals_direct_solves(m: int) -> None:
+    """The size-``m // 2`` solve (through ``G_FF`` or ``(G⁻¹)_AA``) is ``G_FF y_F = −c_F``."""
+    gen = torch.Generator().manual_seed(m)
+    g = normalize_regularize(gramians(m, seed=m, scales=[1.0])[:3])
+    c = torch.randn(3, 6, m, generator=gen, dtype=F64)
+    free = torch.rand(3, 6, m, generator=gen) < torch.rand(3, 6, 1, generator=gen)
+    free[0, 0], free[0, 1] = True, False  # all free, all bound
+    expected = torch.zeros_like(c)
+    for b, row in itertools.product(range(3), range(6)):
+        f = free[b, row].nonzero()[:, 0]
+        expected[b, row, f] = torch.linalg.solve(g[b][f][:, f], -c[b, row, f])
+    g, c, free = g.to(DEVICE), c.to(DEVICE), free.to(DEVICE)
+    inverse = _inverse(g)
+    pair = _padded_pair(g, inverse)
+    torch.testing.assert_close(
+        _reduced_solve(g, inverse, pair, c, free).cpu(), expected, rtol=1e-9, atol=1e-11
+    )
+    rows = torch.rand(3, 6, generator=gen).to(DEVICE) < 0.5
+    partial_rows = _reduced_solve(g, inverse, pair, c, free, rows)
+    torch.testing.assert_close(
+        partial_rows[rows].cpu(), expected[rows.cpu()], rtol=1e-9, atol=1e-11
+    )
 
 
 def test_solve_box_qp_matches_enumeration_with_shared_gramian() -> None:

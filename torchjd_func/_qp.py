@@ -14,13 +14,14 @@ with one Gramian ``G`` ``[..., m, m]`` shared by ``k`` linear terms ``c`` ``[...
 * MGDA: ``min αᵀGα s.t. α ≥ 0, Σα = 1`` is the LCP with ``c = −1``, then ``α = y / Σy``.
 
 Algorithm (details and measurements in ``docs/qp.md``): a primal-dual active-set method (PDAS,
-i.e. semismooth Newton on ``min(y, w) = 0``) with a fixed number of iterations and best-iterate
-tracking, each iteration being one batched Cholesky factorisation of the masked matrices
-``D G D + (I − D)``; then, only for problems that have not converged (PDAS can cycle), a Mehrotra
-predictor-corrector interior-point method followed by a few PDAS "polish" steps, selected with
-:func:`torch.cond`. Everything runs in float64 on the input's device with fixed trip counts (no
-``.item()``, no numpy, no data-dependent Python control flow), so the solvers compile with
-``torch.compile(fullgraph=True)`` and work under :func:`torch.vmap`.
+i.e. semismooth Newton on ``min(y, w) = 0``) with a bounded number of iterations, best-iterate
+tracking and an early exit once every problem has converged; each iteration solves, for every
+problem, one linear system of size ``min(|F|, |A|) ≤ m // 2`` (the free set ``F`` through ``G``, or
+the active set ``A`` through ``G⁻¹``), gathered into one batched factorisation. Then, only for
+problems that have not converged (PDAS can cycle), a Mehrotra predictor-corrector interior-point
+method followed by a few PDAS "polish" steps, selected with :func:`torch.cond`. Everything runs in
+float64 on the input's device with bounded trip counts (no ``.item()``, no numpy), so the solvers
+compile with ``torch.compile(fullgraph=True)`` and work under :func:`torch.vmap`.
 """
 
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 from torch._C._functorch import is_batchedtensor
-from torch._higher_order_ops import scan
+from torch._higher_order_ops import scan, while_loop
 
 __all__ = [
     "dual_cone_projection",
@@ -124,13 +125,14 @@ def _cholesky_solve(factor: Tensor, rhs: Tensor) -> Tensor:
     return solution[..., 0]
 
 
-def _masked_solve(gramian: Tensor, c: Tensor, free: Tensor) -> Tensor:
+def _masked_solve(gramian: Tensor, c: Tensor, free: Tensor, rows: Tensor | None = None) -> Tensor:
     """Solve ``G_FF y_F = −c_F``, ``y = 0`` off F, for the free set F of each row.
 
     Args:
         gramian: ``[..., m, m]``.
         c: ``[..., k, m]``.
         free: Boolean mask of the free sets ``[..., k, m]``.
+        rows: Ignored (every problem is solved); for the signature of :data:`Solve`.
 
     Returns:
         ``[..., k, m]``.
@@ -144,6 +146,112 @@ def _masked_solve(gramian: Tensor, c: Tensor, free: Tensor) -> Tensor:
     bound = torch.diag_embed((~free).to(c.dtype))
     system = torch.where(both_free, gramian[..., None, :, :], bound)
     return torch.where(free, _cholesky_solve(_cholesky(system), -c), torch.zeros_like(c))
+
+
+def _inverse(gramian: Tensor) -> Tensor:
+    """``G⁻¹`` ``[..., m, m]`` of a positive definite ``G``, symmetric by construction.
+
+    ``G = UᵀU`` gives ``G⁻¹ = U⁻¹U⁻ᵀ``: one Cholesky factorisation, one triangular solve and one
+    product (all capturable in CUDA graphs, unlike ``torch.cholesky_inverse``).
+    """
+    factor = _cholesky(gramian)
+    eye = torch.eye(gramian.shape[-1], dtype=gramian.dtype, device=gramian.device)
+    inverse_factor = torch.linalg.solve_triangular(factor, eye.expand_as(factor), upper=True)
+    inverse: Tensor = inverse_factor @ inverse_factor.mT
+    return inverse
+
+
+def _padded_pair(gramian: Tensor, inverse: Tensor) -> Tensor:
+    """``[blockdiag(G⁻¹, I), blockdiag(G, I)]`` for every Gramian, all flattened: ``[B·8m²]``.
+
+    :func:`_reduced_solve` reads its systems from here by flat index: index ``m + j`` addresses
+    the identity block, which pads every system to the same size without a :func:`torch.where`.
+    """
+    m = gramian.shape[-1]
+    zeros = torch.zeros_like(gramian)
+    eye = torch.eye(m, dtype=gramian.dtype, device=gramian.device).expand_as(gramian)
+    bottom = torch.cat([zeros, eye], dim=-1)
+    blocks = [
+        torch.cat([torch.cat([x, zeros], dim=-1), bottom], dim=-2) for x in (inverse, gramian)
+    ]
+    return torch.stack(blocks, dim=-3).reshape(-1)
+
+
+def _reduced_solve(
+    gramian: Tensor,
+    inverse: Tensor,
+    pair: Tensor,
+    c: Tensor,
+    free: Tensor,
+    rows: Tensor | None = None,
+) -> Tensor:
+    """:func:`_masked_solve` through systems of size at most ``m // 2`` instead of ``m``.
+
+    With ``A`` the complement of the free set ``F`` and ``H = G⁻¹``, the solution of
+    ``G_FF y_F = −c_F`` (``y_A = 0``) is ``y = H r`` with ``r_F = −c_F`` and ``r_A = s`` such that
+    ``(H r)_A = 0``, i.e. ``H_AA s = H_AF c_F`` (block elimination: ``G_FF⁻¹ = H_FF −
+    H_FA H_AA⁻¹ H_AF``). So each problem solves either with ``G_FF`` (when ``|F| ≤ |A|``) or with
+    ``H_AA``, a system of size ``min(|F|, |A|) ≤ m // 2``: the k systems are gathered into one
+    ``[..., k, m // 2, m // 2]`` batch (padded with identity), an eighth of the flops of the masked
+    ``[..., k, m, m]`` factorisation. The ``H`` route multiplies rounding errors by up to
+    ``κ(G)``, which the convergence test of the caller catches (``κ ≤ ~1e4`` after
+    :func:`normalize_regularize`).
+
+    Args:
+        gramian: ``G`` ``[..., m, m]``, positive definite.
+        inverse: ``G⁻¹`` ``[..., m, m]``.
+        pair: :func:`_padded_pair` of both.
+        c: ``[..., k, m]``.
+        free: Boolean mask of the free sets ``[..., k, m]``.
+        rows: Optional boolean mask ``[..., k]``: only these problems are solved (the others get
+            an arbitrary finite result). Eager only (data-dependent shapes).
+
+    Returns:
+        ``[..., k, m]``.
+    """
+    m = gramian.shape[-1]
+    cap = max(m // 2, 1)
+    n_free = free.sum(dim=-1, keepdim=True)
+    use_gramian = 2 * n_free <= m
+    solved = torch.where(use_gramian, free, ~free)
+    n_solved = torch.where(use_gramian, n_free, m - n_free)
+    # A stable partition of 0..m-1, the solved set first: position of each index, then inverted.
+    position = torch.where(
+        solved, solved.cumsum(dim=-1) - 1, n_solved + (~solved).cumsum(dim=-1) - 1
+    )
+    ordinal = torch.arange(m, device=c.device).expand_as(position)
+    order = torch.zeros_like(position).scatter(-1, position, ordinal)[..., :cap]
+    slots = torch.arange(cap, device=c.device)
+    index = torch.where(slots < n_solved, order, m + slots)
+
+    c_free = torch.where(free, c, torch.zeros_like(c))
+    rhs = torch.where(use_gramian, -c, c_free @ inverse)
+    rhs = torch.cat([rhs, torch.zeros_like(rhs[..., :cap])], dim=-1).gather(-1, index)
+    # Flat offsets into `pair`: the Gramian's block of 8m², then H (route A) or G (route F), then
+    # the row. int32 halves the largest temporary (the [..., k, cap, cap] index) when it fits.
+    index_dtype = torch.int32 if pair.shape[0] < 2**31 else torch.long
+    batch = torch.arange(c.shape[:-2].numel(), device=c.device).reshape(*c.shape[:-2], 1, 1)
+    row_offset = batch * (8 * m * m) + use_gramian.long() * (4 * m * m) + index * (2 * m)
+    row_offset, column = row_offset.to(index_dtype), index.to(index_dtype)
+    if rows is not None:
+        row_offset, column, rhs = row_offset[rows], column[rows], rhs[rows]
+    systems = pair[row_offset[..., :, None] + column[..., None, :]]
+    if systems.device.type == "cpu":
+        # LAPACK's batched LU measured 15-30% faster than its Cholesky here (which also clears a
+        # triangle); on CUDA, Cholesky + triangular solves can be captured in CUDA graphs. The
+        # systems are symmetric: their transposed view is the column-major copy LAPACK wants.
+        solution = torch.linalg.solve_ex(systems.mT, rhs)[0]
+    else:
+        solution = _cholesky_solve(_cholesky(systems), rhs)
+    if rows is not None:
+        solution = torch.zeros_like(index, dtype=c.dtype).index_put((rows,), solution)
+    scattered = c.new_zeros((*c.shape[:-1], m + cap)).scatter(-1, index, solution)[..., :m]
+    y = torch.where(use_gramian, scattered, (scattered - c_free) @ inverse)
+    return torch.where(free, y, torch.zeros_like(y))
+
+
+Solve = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+"""``solve(c, free, rows) -> y``: ``G_FF y_F = −c_F``, ``y = 0`` off F (see :func:`_reduced_solve`)."""
 
 
 def _repeat(
@@ -174,6 +282,32 @@ def _repeat(
     return tuple(final)
 
 
+def _pdas_step(
+    gramian: Tensor,
+    c: Tensor,
+    solve: Solve,
+    rtol: Tensor,
+    carry: tuple[Tensor, ...],
+    *,
+    compact: bool = False,
+) -> tuple[Tensor, ...]:
+    """One PDAS step on ``(y, w, best_y, best_res)``; problems already converged stay frozen.
+
+    With ``compact`` (eager only), only the unconverged problems are solved.
+    """
+    y, w, best_y, best_res = carry
+    # Newton on min(y, w) = 0: where w < y the equation is w_i = 0 (free), elsewhere y_i = 0.
+    y = solve(c, y > w, best_res > rtol if compact else None)
+    w, res = _residual(gramian, c, y)
+    # PDAS can cycle (for P-matrices of order ≥ 3), so the last iterate is not always the best
+    # one; a NaN residual (failed factorisation) never compares as better. A converged problem
+    # keeps its iterate bit for bit, so that stopping early changes nothing.
+    better = (res < best_res) & (best_res > rtol)
+    best_y = torch.where(better[..., None], y, best_y)
+    best_res = torch.where(better, res, best_res)
+    return y, w, best_y, best_res
+
+
 def _pdas(
     gramian: Tensor,
     c: Tensor,
@@ -183,24 +317,44 @@ def _pdas(
     best_res: Tensor,
     iters: int,
     *,
-    unroll: bool,
+    solve: Solve,
+    rtol: Tensor,
+    loop: Literal["unroll", "scan", "early_exit"],
 ) -> tuple[Tensor, Tensor]:
-    """``iters`` PDAS steps from ``(y, w)``; returns the best iterate seen and its residual."""
+    """``iters`` PDAS steps from ``(y, w)``; returns the best iterate seen and its residual.
 
-    def step(carry: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        y, w, best_y, best_res = carry
-        # Newton on min(y, w) = 0: where w < y the equation is w_i = 0 (free), elsewhere y_i = 0.
-        y = _masked_solve(gramian, c, y > w)
-        w, res = _residual(gramian, c, y)
-        # PDAS can cycle (for P-matrices of order ≥ 3), so the last iterate is not always the
-        # best one; a NaN residual (failed factorisation) never compares as better.
-        better = res < best_res
-        best_y = torch.where(better[..., None], y, best_y)
-        best_res = torch.where(better, res, best_res)
-        return y, w, best_y, best_res
+    ``rtol`` ``[..., k]``: the tolerance of each problem, a tensor because under
+    ``torch.compile(dynamic=True)`` a float becomes a symbolic value, which the bodies of scan,
+    while_loop and cond cannot take. ``loop``: ``"unroll"`` (a Python loop of fixed length), ``"scan"`` (one
+    :func:`torch._higher_order_ops.scan`), or ``"early_exit"``: stop as soon as every problem has
+    converged (residual ≤ ``rtol``); a Python loop eagerly, reading one boolean per iteration, and a
+    :func:`torch._higher_order_ops.while_loop` under :func:`torch.compile`. All three give the same
+    values, because converged problems are frozen.
+    """
+    step = partial(_pdas_step, gramian, c, solve, rtol)
+    carry: tuple[Tensor, ...] = (y, w, best_y, best_res)
+    if loop != "early_exit":
+        carry = _repeat(step, carry, iters, unroll=loop == "unroll")
+    elif torch.compiler.is_compiling():
 
-    _, _, best_y, best_res = _repeat(step, (y, w, best_y, best_res), iters, unroll=unroll)
-    return best_y, best_res
+        def unfinished(count: Tensor, *state: Tensor) -> Tensor:
+            return (count < iters) & (state[3] > rtol).any()
+
+        def body(count: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+            # A while_loop's outputs may not alias its inputs.
+            return (count + 1, *(t.clone() for t in step(state)))
+
+        count = torch.zeros((), dtype=torch.long, device=c.device)
+        # Cloned: the initial carry holds the same tensor twice (y and best_y).
+        start = (count, *(t.clone() for t in carry))
+        # (while_loop is not annotated in torch 2.13.)
+        carry = tuple(while_loop(unfinished, body, start)[1:])  # type: ignore[no-untyped-call]
+    else:
+        for _ in range(iters):
+            if bool((carry[3] <= rtol).all()):
+                break
+            carry = step(carry, compact=True)
+    return carry[2], carry[3]
 
 
 def _step_to_boundary(x: Tensor, dx: Tensor) -> Tensor:
@@ -251,7 +405,9 @@ def _ipm(gramian: Tensor, c: Tensor, iters: int, *, unroll: bool) -> Tensor:
     return y
 
 
-def _keep(gramian: Tensor, c: Tensor, y: Tensor, res: Tensor, converged: Tensor) -> Tensor:
+def _keep(
+    gramian: Tensor, c: Tensor, y: Tensor, res: Tensor, converged: Tensor, rtol: Tensor
+) -> Tensor:
     """The :func:`torch.cond` branch taken when every problem has converged."""
     # A cond branch may not return one of its inputs.
     return y.clone()
@@ -263,16 +419,30 @@ def _fallback(
     y: Tensor,
     res: Tensor,
     converged: Tensor,
+    rtol: Tensor,
     *,
     ipm_iters: int,
     polish_iters: int,
     unroll: bool,
 ) -> Tensor:
-    """Interior point + PDAS polish; replaces the unconverged rows of ``y`` where it does better."""
+    """Interior point + PDAS polish; replaces the unconverged rows of ``y`` where it does better.
+
+    The polish solves the full masked systems (:func:`_masked_solve`), which stay accurate on
+    ill-conditioned Gramians where the reduced solve of the main loop may lose digits.
+    """
     ipm_y = _ipm(gramian, c, ipm_iters, unroll=unroll)
     ipm_w, ipm_res = _residual(gramian, c, ipm_y)
     polished, polished_res = _pdas(
-        gramian, c, ipm_y, ipm_w, ipm_y, ipm_res, polish_iters, unroll=unroll
+        gramian,
+        c,
+        ipm_y,
+        ipm_w,
+        ipm_y,
+        ipm_res,
+        polish_iters,
+        solve=partial(_masked_solve, gramian),
+        rtol=rtol,
+        loop="unroll" if unroll else "scan",
     )
     # Converged rows are kept bit for bit, so "cond" and "always" (and vmap, which runs both
     # branches of a batched cond) agree exactly.
@@ -292,9 +462,16 @@ def solve_box_qp(
 ) -> Tensor:
     """Solve the batched LCP ``y ≥ 0, Gy + c ≥ 0, yᵀ(Gy + c) = 0`` (``min ½yᵀGy + cᵀy, y ≥ 0``).
 
-    First ``pdas_iters`` PDAS steps with best-iterate tracking; a problem has converged when its
-    relative natural residual ``‖min(y, Gy + c)‖∞ / (‖c‖∞ + max_i Σ_j |G_ij y_j|)`` is at most
-    ``rtol``. Then the fallback, ``ipm_iters`` interior-point iterations followed by
+    First at most ``pdas_iters`` PDAS steps with best-iterate tracking; a problem has converged when
+    its relative natural residual ``‖min(y, Gy + c)‖∞ / (‖c‖∞ + max_i Σ_j |G_ij y_j|)`` is at most
+    ``rtol``, and is then frozen. Each step solves every unconverged problem on its current free
+    set ``F`` (complement ``A``) with a system of size ``min(|F|, |A|) ≤ m // 2``: ``G_FF``, or
+    ``(G⁻¹)_AA`` by block elimination (``G_FF⁻¹ = H_FF − H_FA H_AA⁻¹ H_AF`` with ``H = G⁻¹``), an
+    eighth of the flops of a masked ``m × m`` factorisation. With ``fallback="cond"`` the loop
+    stops as soon as every problem has converged: eagerly it reads one boolean per iteration (and
+    then also skips the converged problems), under :func:`torch.compile` it is a
+    ``while_loop``; with ``"always"`` or under :func:`torch.vmap` it runs ``pdas_iters`` steps.
+    The values are the same either way. Then the fallback, ``ipm_iters`` interior-point iterations followed by
     ``polish_iters`` PDAS steps, replaces the unconverged rows where it does better. With
     ``fallback="cond"`` it runs (for the whole batch) only if some problem has not converged,
     under :func:`torch.cond`, which reads that one boolean on the host; with ``"always"`` it always
@@ -310,18 +487,20 @@ def solve_box_qp(
 
     Non-finite inputs: a problem (row of ``c``) whose Gramian or own row of ``c`` contains NaN or
     ±Inf gets an all-NaN solution; the other problems of the batch are unaffected. It never hangs:
-    every loop has a fixed trip count.
+    every loop has a bounded trip count.
 
     Gradients: when ``gramian`` or ``c`` requires grad, the search runs without autograd and one
     differentiable masked solve on the final free set supplies the gradient (exact where the
     active set is locally constant, i.e. under strict complementarity).
 
-    Memory: each iteration factors ``[..., k, m, m]`` float64 matrices (1 GiB for ``k = m = 512``).
+    Memory: each PDAS step gathers ``[..., k, m // 2, m // 2]`` float64 systems (256 MiB for
+    ``k = m = 512``, plus an int32 index half that size); the fallback and the gradient solve factor
+    ``[..., k, m, m]`` matrices (1 GiB for ``k = m = 512``).
 
     Args:
         gramian: Symmetric PSD matrices ``[..., m, m]`` (positive definite for a unique solution).
         c: Linear terms ``[..., k, m]``; their leading dims broadcast with those of ``gramian``.
-        pdas_iters: Number of PDAS iterations (each: one batched ``[..., k, m, m]`` Cholesky).
+        pdas_iters: Maximum number of PDAS iterations.
         ipm_iters: Number of interior-point iterations of the fallback.
         polish_iters: Number of PDAS iterations after the interior-point method.
         rtol: Convergence tolerance on the relative natural residual.
@@ -370,14 +549,29 @@ def solve_box_qp(
         g_search, c_search = g64.detach(), c64.detach()
         y0 = torch.zeros_like(c_search)
         w0, res0 = _residual(g_search, c_search, y0)
-        y, res = _pdas(g_search, c_search, y0, w0, y0, res0, pdas_iters, unroll=True)
+        tolerance = torch.full_like(res0, rtol)
+        # Under vmap the convergence test is batched: there is no early exit, and torch.cond
+        # would run both branches and select (its batching rule), so running the fallback
+        # directly gives the same values. It also avoids that rule, which rejects the SymInt
+        # operands of dynamic shapes, and the scans, whose batching rule fails on symbolic sizes
+        # under torch.compile (torch 2.13).
+        vmapped = is_batchedtensor(res0)
+        inverse = _inverse(g_search)
+        reduced = partial(_reduced_solve, g_search, inverse, _padded_pair(g_search, inverse))
+        y, res = _pdas(
+            g_search,
+            c_search,
+            y0,
+            w0,
+            y0,
+            res0,
+            pdas_iters,
+            solve=reduced,
+            rtol=tolerance,
+            loop="unroll" if fallback == "always" or vmapped else "early_exit",
+        )
         converged = res <= rtol
-        operands = (g_search, c_search, y, res, converged)
-        # Under vmap the predicate is batched and torch.cond would run both branches and select
-        # (its batching rule), so running the fallback directly gives the same values. It also
-        # avoids that rule, which rejects the SymInt operands of dynamic shapes, and the scans,
-        # whose batching rule fails on symbolic sizes under torch.compile (torch 2.13).
-        vmapped = is_batchedtensor(converged)
+        operands = (g_search, c_search, y, res, converged, tolerance)
         run_fallback = partial(
             _fallback, ipm_iters=ipm_iters, polish_iters=polish_iters, unroll=vmapped
         )
