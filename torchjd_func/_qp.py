@@ -47,6 +47,8 @@ __all__ = [
 # in float64 and only the result is cast back.
 _SOLVE_DTYPE = torch.float64
 _EPS = torch.finfo(_SOLVE_DTYPE).eps
+_CHUNK_BYTES = 256 * 2**20
+"""Largest batch of gathered float64 systems factored at once by the PDAS steps."""
 
 
 def _tiny(x: Tensor) -> float:
@@ -177,6 +179,18 @@ def _padded_pair(gramian: Tensor, inverse: Tensor) -> Tensor:
     return torch.stack(blocks, dim=-3).reshape(-1)
 
 
+def _gathered_solve(pair: Tensor, row_offset: Tensor, column: Tensor, rhs: Tensor) -> Tensor:
+    """Gather the systems ``pair[row_offset_i + column_j]`` ``[..., cap, cap]`` and solve them."""
+    systems = pair[row_offset[..., :, None] + column[..., None, :]]
+    if systems.device.type == "cpu":
+        # LAPACK's batched LU measured 15-30% faster than its Cholesky here (which also clears a
+        # triangle); on CUDA, Cholesky + triangular solves can be captured in CUDA graphs. The
+        # systems are symmetric: their transposed view is the column-major copy LAPACK wants.
+        solution: Tensor = torch.linalg.solve_ex(systems.mT, rhs)[0]
+        return solution
+    return _cholesky_solve(_cholesky(systems), rhs)
+
+
 def _reduced_solve(
     gramian: Tensor,
     inverse: Tensor,
@@ -235,14 +249,18 @@ def _reduced_solve(
     row_offset, column = row_offset.to(index_dtype), index.to(index_dtype)
     if rows is not None:
         row_offset, column, rhs = row_offset[rows], column[rows], rhs[rows]
-    systems = pair[row_offset[..., :, None] + column[..., None, :]]
-    if systems.device.type == "cpu":
-        # LAPACK's batched LU measured 15-30% faster than its Cholesky here (which also clears a
-        # triangle); on CUDA, Cholesky + triangular solves can be captured in CUDA graphs. The
-        # systems are symmetric: their transposed view is the column-major copy LAPACK wants.
-        solution = torch.linalg.solve_ex(systems.mT, rhs)[0]
+    n_systems = rhs.shape[:-1].numel()
+    if n_systems * cap * cap * 8 <= _CHUNK_BYTES:
+        solution = _gathered_solve(pair, row_offset, column, rhs)
     else:
-        solution = _cholesky_solve(_cholesky(systems), rhs)
+        # Bounded memory for large m (k = m = 1024: 2 GiB of systems at once otherwise).
+        flat = [t.reshape(-1, cap) for t in (row_offset, column, rhs)]
+        chunk = max(1, _CHUNK_BYTES // (8 * cap * cap))
+        parts = [
+            _gathered_solve(pair, *(t[start : start + chunk] for t in flat))
+            for start in range(0, n_systems, chunk)
+        ]
+        solution = torch.cat(parts).reshape(rhs.shape)
     if rows is not None:
         solution = torch.zeros_like(index, dtype=c.dtype).index_put((rows,), solution)
     scattered = c.new_zeros((*c.shape[:-1], m + cap)).scatter(-1, index, solution)[..., :m]
