@@ -382,6 +382,18 @@ def test_solve_box_qp_matches_enumeration_with_shared_gramian() -> None:
         torch.testing.assert_close(yi, expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("m", [1, 2])
+def test_closed_form_for_small_m_matches_enumeration(m: int) -> None:
+    """m ≤ 2 takes the closed-form path: random LCPs (any sign of c, ill-conditioned G)."""
+    g, _ = hard_lcps(m=m, b=50, seed=3)
+    c = torch.randn(50, 3, m, generator=torch.Generator().manual_seed(4), dtype=F64)
+    y = solve_box_qp(g.to(DEVICE), c.to(DEVICE)).cpu()
+    for gi, ci, yi in zip(g, c, y, strict=True):
+        expected = torch.stack([enumerate_lcp(gi, row) for row in ci])
+        torch.testing.assert_close(yi, expected, rtol=1e-9, atol=1e-12)
+        assert natural_residual(gi, ci, yi).max() <= 1e-9
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_inputs_give_nan_only_where_they_are(bad: float) -> None:
     g = gramians(3, seed=5)[:3].to(DEVICE, DTYPE)

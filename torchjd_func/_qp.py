@@ -423,6 +423,37 @@ def _ipm(gramian: Tensor, c: Tensor, iters: int, *, unroll: bool) -> Tensor:
     return y
 
 
+def _enumerate_small(gramian: Tensor, c: Tensor) -> Tensor:
+    """Exact LCP solution for ``m ≤ 2``: every active set in closed form, the best one kept.
+
+    The candidates (``y = 0``; each coordinate alone, ``y_i = −c_i / G_ii``; both, by Cramer's
+    rule) are compared by their natural residual (non-finite ones never win): a handful of
+    element-wise operations instead of the PDAS machinery, which matters for two-task MTL steps.
+    """
+    zero = torch.zeros_like(c[..., 0])
+    diagonal = gramian.diagonal(dim1=-2, dim2=-1)[..., None, :]  # [..., 1, m]
+    alone = -c / diagonal
+    if gramian.shape[-1] == 1:
+        options = [zero[..., None], alone]
+    else:
+        a, d = diagonal[..., 0], diagonal[..., 1]
+        b = gramian[..., 0, 1, None]
+        c1, c2 = c[..., 0], c[..., 1]
+        det = a * d - b * b
+        both = torch.stack([(b * c2 - d * c1) / det, (b * c1 - a * c2) / det], dim=-1)
+        options = [
+            torch.stack([zero, zero], dim=-1),
+            torch.stack([alone[..., 0], zero], dim=-1),
+            torch.stack([zero, alone[..., 1]], dim=-1),
+            both,
+        ]
+    candidates = torch.stack(options, dim=-2)  # [..., k, 2^m, m]
+    _, res = _residual(gramian[..., None, :, :], c[..., None, :], candidates)
+    res = torch.where(res.isnan(), torch.full_like(res, torch.inf), res)
+    best = res.argmin(dim=-1)[..., None, None].expand(*candidates.shape[:-2], 1, c.shape[-1])
+    return candidates.gather(-2, best)[..., 0, :]
+
+
 def _keep(
     gramian: Tensor, c: Tensor, y: Tensor, res: Tensor, converged: Tensor, rtol: Tensor
 ) -> Tensor:
@@ -468,6 +499,52 @@ def _fallback(
     return torch.where(better[..., None], polished, y)
 
 
+def _search(
+    g_search: Tensor,
+    c_search: Tensor,
+    pdas_iters: int,
+    ipm_iters: int,
+    polish_iters: int,
+    rtol: float,
+    fallback: str,
+) -> Tensor:
+    """PDAS, then the fallback where needed (see :func:`solve_box_qp`), without autograd."""
+    with torch.no_grad():
+        y0 = torch.zeros_like(c_search)
+        w0, res0 = _residual(g_search, c_search, y0)
+        tolerance = torch.full_like(res0, rtol)
+        # Under vmap the convergence test is batched: there is no early exit, and torch.cond
+        # would run both branches and select (its batching rule), so running the fallback
+        # directly gives the same values. It also avoids that rule, which rejects the SymInt
+        # operands of dynamic shapes, and the scans, whose batching rule fails on symbolic sizes
+        # under torch.compile (torch 2.13).
+        vmapped = is_batchedtensor(res0)
+        inverse = _inverse(g_search)
+        reduced = partial(_reduced_solve, g_search, inverse, _padded_pair(g_search, inverse))
+        y, res = _pdas(
+            g_search,
+            c_search,
+            y0,
+            w0,
+            y0,
+            res0,
+            pdas_iters,
+            solve=reduced,
+            rtol=tolerance,
+            loop="unroll" if fallback == "always" or vmapped else "early_exit",
+        )
+        converged = res <= rtol
+        operands = (g_search, c_search, y, res, converged, tolerance)
+        run_fallback = partial(
+            _fallback, ipm_iters=ipm_iters, polish_iters=polish_iters, unroll=vmapped
+        )
+        if fallback == "always" or vmapped:
+            y = run_fallback(*operands)
+        else:
+            y = torch.cond(converged.all(), _keep, run_fallback, operands)
+    return y
+
+
 def solve_box_qp(
     gramian: Tensor,
     c: Tensor,
@@ -489,7 +566,9 @@ def solve_box_qp(
     stops as soon as every problem has converged: eagerly it reads one boolean per iteration (and
     then also skips the converged problems), under :func:`torch.compile` it is a
     ``while_loop``; with ``"always"`` or under :func:`torch.vmap` it runs ``pdas_iters`` steps.
-    The values are the same either way. Then the fallback, ``ipm_iters`` interior-point iterations followed by
+    The values are the same either way. (For ``m ≤ 2``, every active set is tried in closed
+    form instead and the one with the smallest residual is kept: exact, and a few element-wise
+    operations.) Then the fallback, ``ipm_iters`` interior-point iterations followed by
     ``polish_iters`` PDAS steps, replaces the unconverged rows where it does better. With
     ``fallback="cond"`` it runs (for the whole batch) only if some problem has not converged,
     under :func:`torch.cond`, which reads that one boolean on the host; with ``"always"`` it always
@@ -565,38 +644,11 @@ def solve_box_qp(
     with torch.no_grad():
         # Detached operands: torch.cond inspects autograd metadata of what it is given.
         g_search, c_search = g64.detach(), c64.detach()
-        y0 = torch.zeros_like(c_search)
-        w0, res0 = _residual(g_search, c_search, y0)
-        tolerance = torch.full_like(res0, rtol)
-        # Under vmap the convergence test is batched: there is no early exit, and torch.cond
-        # would run both branches and select (its batching rule), so running the fallback
-        # directly gives the same values. It also avoids that rule, which rejects the SymInt
-        # operands of dynamic shapes, and the scans, whose batching rule fails on symbolic sizes
-        # under torch.compile (torch 2.13).
-        vmapped = is_batchedtensor(res0)
-        inverse = _inverse(g_search)
-        reduced = partial(_reduced_solve, g_search, inverse, _padded_pair(g_search, inverse))
-        y, res = _pdas(
-            g_search,
-            c_search,
-            y0,
-            w0,
-            y0,
-            res0,
-            pdas_iters,
-            solve=reduced,
-            rtol=tolerance,
-            loop="unroll" if fallback == "always" or vmapped else "early_exit",
-        )
-        converged = res <= rtol
-        operands = (g_search, c_search, y, res, converged, tolerance)
-        run_fallback = partial(
-            _fallback, ipm_iters=ipm_iters, polish_iters=polish_iters, unroll=vmapped
-        )
-        if fallback == "always" or vmapped:
-            y = run_fallback(*operands)
-        else:
-            y = torch.cond(converged.all(), _keep, run_fallback, operands)
+    if m <= 2:
+        with torch.no_grad():
+            y = _enumerate_small(g_search, c_search)
+    else:
+        y = _search(g_search, c_search, pdas_iters, ipm_iters, polish_iters, rtol, fallback)
 
     if torch.is_grad_enabled() and (gramian.requires_grad or c.requires_grad):
         # On a fixed active set the solution is a smooth function of (G, c) (implicit function
