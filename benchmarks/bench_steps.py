@@ -10,8 +10,9 @@ For each configuration (model, batch, number of losses) four steps are measured 
 
 * ``sgd``: the baseline, ``loss.sum()`` (MTL) or ``losses.mean()`` (IWRM, IWMTL) backward, then
   ``torch.optim.SGD.step()``;
-* ``jd-eager`` and ``jd-compiled``: our step (``mtl_step`` or ``per_sample_step`` with
-  ``upgrad()`` and the functional ``sgd``), eagerly and under ``torch.compile(fullgraph=True)``;
+* ``jd-eager`` and ``jd-compiled``: our step (``mtl_step`` for MTL, ``gramian_step`` for IWRM and
+  IWMTL, with ``upgrad()`` and the functional ``sgd``), eagerly and under
+  ``torch.compile(fullgraph=True)``;
   the compile time (first call) is reported on its own and excluded from the step time;
 * ``torchjd``: TorchJD's equivalent when it is importable, ``mtl_backward`` +
   ``jac_to_grad(..., UPGrad())`` (MTL) or autogram's ``Engine(model, batch_dim=0)`` +
@@ -30,8 +31,9 @@ allocator, compile or thread-pool state, and one that hangs or runs out of memor
 ``--timeout`` seconds and reported as such. ``--in-process`` (implied by ``--quick``) runs
 everything in this process, faster to start, without the memory measurements.
 
-Our UPGrad solver factors ``[m, m, m]`` float64 systems (8 GiB for ``m = 1024``): our step is not
-run where that exceeds ``--max-gib``, and the table says so. Nothing is extrapolated.
+Our UPGrad solver's memory (:func:`solver_gib`, 0.75 GiB for ``m = 1024``) is checked against
+``--max-gib`` before our step runs; where it exceeds it, the table says so. Nothing is
+extrapolated.
 
 Memory is the peak *increase* during one step above what is held between steps (parameters,
 optimizer state, data). CUDA: ``max_memory_allocated()`` after ``reset_peak_memory_stats()``,
@@ -62,10 +64,11 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from torchjd_func import call, combine, flatten_gramian, gramian, params_of
-from torchjd_func._jacobian import mtl_jacobian, value_and_per_sample_jacobian
+from torchjd_func._jacobian import mtl_jacobian
+from torchjd_func._probes import value_and_per_sample_gramian
 from torchjd_func.aggregation import upgrad, upgrad_weights
 from torchjd_func.optim import sgd
-from torchjd_func.step import StepFn, mtl_step, per_sample_step
+from torchjd_func.step import StepFn, gramian_step, mtl_step
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDTH = 256
@@ -154,8 +157,12 @@ def torchjd_missing() -> str | None:
 
 
 def solver_gib(m: int) -> float:
-    """GiB of one ``[m, m, m]`` float64 batch of systems that our UPGrad solver factors."""
-    return m**3 * 8 / 2**30
+    """GiB that our UPGrad solver's PDAS steps hold at once for ``m`` losses (float64): the
+    gathered ``[m, m // 2, m // 2]`` systems in chunks of at most 256 MiB (with their LU copy and
+    int32 index: ×2.5), plus a few ``[m, m]`` matrices. (The interior-point fallback, which runs
+    only when PDAS has not converged, factors ``[m, m, m]``.)"""
+    systems = min(m * (m // 2) ** 2 * 8, 2**28)
+    return (2.5 * systems + 16 * m * m * 8) / 2**30
 
 
 def _sync(device: torch.device) -> None:
@@ -197,7 +204,7 @@ def _parts(
         "gramian": lambda: flatten_gramian(gramian(jac)),
     }
     if solver_gib(m) > max_gib:
-        parts["weights"] = f"skipped: {solver_gib(m):.0f} GiB solves"
+        parts["weights"] = f"skipped: {solver_gib(m):.1f} GiB solves"
         weights = torch.full((m,), 1 / m, device=square.device)
     else:
         parts["weights"] = lambda: upgrad_weights(square)
@@ -281,29 +288,28 @@ def _mtl_parts(config: Config, device: torch.device, max_gib: float) -> dict[str
 
 def _per_sample_problem(
     config: Config, device: torch.device
-) -> tuple[nn.Module, Tensor, Tensor, Callable[..., Tensor]]:
-    """The model (MLP + a linear output per task), a batch, and the loss of one sample."""
+) -> tuple[nn.Module, Tensor, Tensor, Callable[[Tensor, Tensor], Tensor]]:
+    """The model (MLP + a linear output per task), a batch, and the losses of the batch."""
     model = nn.Sequential(*_trunk(), nn.Linear(WIDTH, config.tasks)).to(device)
     x = torch.randn(config.batch, WIDTH, device=device)
     y = torch.randn(
         (config.batch,) if config.kind == "iwrm" else (config.batch, config.tasks), device=device
     )
 
-    def sample_losses(params: TensorDict, x: Tensor, y: Tensor) -> Tensor:
-        # One sample: x [256], y [] (IWRM) or [m] (IWMTL); the same code works on a batch.
-        prediction: Tensor = call(model, params, x)
+    def losses_fn(prediction: Tensor, y: Tensor) -> Tensor:
+        # Per-sample losses: [B] (IWRM) or [B, m] (IWMTL).
         return (prediction.reshape(y.shape) - y) ** 2
 
-    return model, x, y, sample_losses
+    return model, x, y, losses_fn
 
 
 def _per_sample(config: Config, method: str, device: torch.device, backend: str) -> Step:
-    model, x, y, sample_losses = _per_sample_problem(config, device)
+    model, x, y, losses_fn = _per_sample_problem(config, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
 
     def sgd_step() -> object:
         optimizer.zero_grad()
-        ((model(x).reshape(y.shape) - y) ** 2).mean().backward()
+        torch.autograd.backward(losses_fn(model(x), y).mean())
         return optimizer.step()
 
     if method == "sgd":
@@ -315,27 +321,43 @@ def _per_sample(config: Config, method: str, device: torch.device, backend: str)
         engine, weighting = Engine(model, batch_dim=0), UPGradWeighting()
 
         def torchjd_step() -> object:
-            losses = (model(x).reshape(y.shape) - y) ** 2
+            losses = losses_fn(model(x), y)
             weights = weighting(engine.compute_gramian(losses)).reshape(losses.shape)
             optimizer.zero_grad()
-            losses.backward(weights)
+            torch.autograd.backward(losses, weights)
             return optimizer.step()
 
         return torchjd_step
-    step = per_sample_step(sample_losses, upgrad(), sgd(LR))
-    return _jd(step, params_of(model).clone(), config, (x, y), method, backend)
+    step = gramian_step(model, losses_fn, upgrad(), sgd(LR))
+    return _jd(step, params_of(model).clone(), config, ((x,), (y,)), method, backend)
 
 
 def _per_sample_parts(
     config: Config, device: torch.device, max_gib: float
 ) -> dict[str, Step | str]:
-    model, x, y, sample_losses = _per_sample_problem(config, device)
+    """The parts of ``gramian_step``: the Gramian (forward, backward, per-layer Gramians), the
+    weights, and the update (one more backward + SGD)."""
+    model, x, y, losses_fn = _per_sample_problem(config, device)
     params = params_of(model)
 
-    def jacobian_fn() -> TensorDict:
-        return value_and_per_sample_jacobian(sample_losses, params, x, y).jacobian
+    def gramian_fn() -> Tensor:
+        return value_and_per_sample_gramian(model, params, (x,), losses_fn, (y,)).gramian
 
-    return _parts(jacobian_fn, params, max_gib)
+    out = value_and_per_sample_gramian(model, params, (x,), losses_fn, (y,))
+    m = out.gramian.shape[0]
+    parts: dict[str, Step | str] = {"jacobian": "- (none)", "gramian": gramian_fn}
+    if solver_gib(m) > max_gib:
+        parts["weights"] = f"skipped: {solver_gib(m):.1f} GiB solves"
+        weights = torch.full((m,), 1 / m, device=device)
+    else:
+        square = out.gramian
+        parts["weights"] = lambda: upgrad_weights(square)
+        weights = upgrad_weights(square)
+    optimizer = sgd(LR)
+    opt_state = optimizer.init(params)
+    shaped = weights.reshape(out.losses.shape)
+    parts["update"] = lambda: optimizer.update(out.combine(shaped), opt_state, params)
+    return parts
 
 
 def _weights(config: Config, method: str, device: torch.device, backend: str) -> Step:
@@ -365,7 +387,7 @@ def skip_reason(config: Config, method: str, max_gib: float) -> str | None:
     if method.startswith("jd") and config.kind != "weights" and method != "jd-parts":
         gib = solver_gib(config.n_losses)
         if gib > max_gib:
-            return f"skipped: UPGrad solves need {gib:.0f} GiB > --max-gib {max_gib:g}"
+            return f"skipped: UPGrad solves need {gib:.1f} GiB > --max-gib {max_gib:g}"
     if method == "jd-parts" and config.kind == "weights":
         return "n/a"
     return None

@@ -9,7 +9,10 @@ every batch of the same shapes.
 * :func:`jd_step`: losses of any shape from ``losses_fn(params, *batch)``;
 * :func:`per_sample_step`: instance-wise risk minimisation (one loss per sample, IWRM) or
   per-sample, per-task losses (IWMTL), from a function written for one sample;
-* :func:`mtl_step`: a shared trunk and task heads, through the features (``mtl_jacobian``).
+* :func:`mtl_step`: a shared trunk and task heads, through the features (``mtl_jacobian``);
+* :func:`gramian_step`: IWRM or IWMTL without the Jacobian: the per-sample Gramian in closed form
+  from the layers' inputs and output cotangents (models made of ``nn.Linear``, ``nn.Conv1d``,
+  ``nn.Conv2d`` and ``nn.Embedding`` layers).
 
 Example:
     >>> import torch
@@ -33,14 +36,15 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from tensordict import TensorDict, TensorDictBase
-from torch import Tensor
+from torch import Tensor, nn
 
-from torchjd_func._gramian import inner_products
+from torchjd_func._gramian import inner_products, reshape_weights
 from torchjd_func._jacobian import mtl_jacobian, value_and_jacobian, value_and_per_sample_jacobian
+from torchjd_func._probes import value_and_per_sample_gramian
 from torchjd_func.aggregation import Aggregation, PureWeighting, aggregate
 from torchjd_func.optim import Optimizer
 
-__all__ = ["StepFn", "StepOutput", "jd_step", "mtl_step", "per_sample_step"]
+__all__ = ["StepFn", "StepOutput", "gramian_step", "jd_step", "mtl_step", "per_sample_step"]
 
 
 class StepOutput(NamedTuple):
@@ -80,17 +84,18 @@ def _finish(
     grads: TensorDictBase,
     opt_state: Any,
     optimizer: Optimizer,
-    losses: Tensor,
-    aggregation: Aggregation,
-    jacobian: TensorDictBase,
+    agg_state: Any,
+    metrics: dict[str, Tensor],
 ) -> StepOutput:
     new_params, new_opt_state = optimizer.update(grads, opt_state, params)
-    metrics = {
-        "losses": losses,
-        "weights": aggregation.weights,
-        "decrease": inner_products(jacobian, aggregation.update),
-    }
-    return StepOutput(new_params, new_opt_state, aggregation.state, metrics)
+    return StepOutput(new_params, new_opt_state, agg_state, metrics)
+
+
+def _metrics(
+    losses: Tensor, aggregation: Aggregation, jacobian: TensorDictBase
+) -> dict[str, Tensor]:
+    decrease = inner_products(jacobian, aggregation.update)
+    return {"losses": losses, "weights": aggregation.weights, "decrease": decrease}
 
 
 def jd_step(
@@ -136,9 +141,8 @@ def jd_step(
     ) -> StepOutput:
         losses, jacobian, _ = value_and_jacobian(losses_fn, params, *batch, chunk_size=chunk_size)
         aggregation = aggregate(jacobian, weighting, agg_state)
-        return _finish(
-            params, aggregation.update, opt_state, optimizer, losses, aggregation, jacobian
-        )
+        metrics = _metrics(losses, aggregation, jacobian)
+        return _finish(params, aggregation.update, opt_state, optimizer, aggregation.state, metrics)
 
     return step
 
@@ -177,9 +181,8 @@ def per_sample_step(
             sample_losses_fn, params, *batch, in_dims=in_dims, chunk_size=chunk_size
         )
         aggregation = aggregate(jacobian, weighting, agg_state)
-        return _finish(
-            params, aggregation.update, opt_state, optimizer, losses, aggregation, jacobian
-        )
+        metrics = _metrics(losses, aggregation, jacobian)
+        return _finish(params, aggregation.update, opt_state, optimizer, aggregation.state, metrics)
 
     return step
 
@@ -229,6 +232,97 @@ def mtl_step(
         )
         aggregation = aggregate(out.jacobian, weighting, agg_state)
         grads = TensorDict({"shared": aggregation.update, "heads": out.head_grads}, batch_size=[])
-        return _finish(params, grads, opt_state, optimizer, out.losses, aggregation, out.jacobian)
+        metrics = _metrics(out.losses, aggregation, out.jacobian)
+        return _finish(params, grads, opt_state, optimizer, aggregation.state, metrics)
+
+    return step
+
+
+def gramian_step(
+    model: nn.Module,
+    losses_fn: Callable[..., Tensor],
+    weighting: PureWeighting,
+    optimizer: Optimizer,
+) -> StepFn:
+    """An IWRM (losses ``[B]``) or IWMTL (losses ``[B, m]``) step without the Jacobian.
+
+    ``batch = (inputs, targets)``, two tuples: the losses are
+    ``losses_fn(call(model, params, *inputs), *targets)``, of shape ``[B]`` (one row per sample,
+    ``R = 1``) or ``[B, m]`` (``R = m``). Their Gramian ``G = J Jᵀ`` ``[B·R, B·R]`` comes from each
+    layer's input ``A`` and output cotangents ``D`` in closed form, as in the autogram engine's
+    fast path (``(A Aᵀ) ⊙ (D Dᵀ)`` summed over positions, or materialised per-sample gradients,
+    whichever is cheaper), with no per-sample gradient of the whole model in memory: one forward
+    pass, one backward pass for ``D`` (``m`` of them, vmapped, for IWMTL), the per-layer
+    Gramians, the weighting on ``G``, and one backward pass for the update ``Jᵀw``.
+
+    Every trainable parameter of ``params`` must belong to a layer that is exactly an
+    ``nn.Linear``, an ``nn.Conv1d``/``nn.Conv2d`` with ``groups=1`` or an ``nn.Embedding``
+    (without ``max_norm``, ``scale_grad_by_freq`` or ``sparse``), not shared with another module
+    and called with one positional input batched on dim 0; parameter-free modules (activations,
+    pooling, dropout, ...) and frozen layers may be anything. The loss of sample ``b`` must depend
+    on sample ``b`` only: BatchNorm in training mode, or any other coupling of the samples, would
+    give a wrong Gramian (the modules known to couple them are rejected). Anything else:
+    :func:`per_sample_step`.
+
+    The weighting sees the flattened Gramian ``[B·R, B·R]`` (rows in ``losses.flatten()`` order);
+    its state must be initialised for ``B·R`` losses. The metrics are those of the other steps,
+    ``"decrease"`` being ``G w`` in the losses' shape.
+
+    Args:
+        model: The model, called as ``call(model, params, *inputs)``.
+        losses_fn: ``losses_fn(outputs, *targets) -> losses [B] or [B, m]``.
+        weighting: E.g. ``upgrad()``.
+        optimizer: E.g. ``sgd(0.1)``.
+
+    Returns:
+        ``step(params, opt_state, agg_state, (inputs, targets)) -> StepOutput``.
+
+    Raises:
+        TypeError: (at the step) a trainable parameter belongs to an unsupported module.
+        ValueError: (at the step) the losses are not ``[B]`` or ``[B, m]``, or a module couples
+            the samples.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func import params_of
+        >>> from torchjd_func.aggregation import upgrad
+        >>> from torchjd_func.optim import sgd
+        >>> from torchjd_func.step import gramian_step
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> def losses_fn(outputs, y):  # [B, 2]: per sample, per task (IWMTL)
+        ...     return (outputs - y) ** 2
+        >>> weighting, optimizer = upgrad(), sgd(lr=0.1)
+        >>> step = gramian_step(model, losses_fn, weighting, optimizer)  # torch.compile it, or not
+        >>> params = params_of(model)
+        >>> opt_state, agg_state = optimizer.init(params), weighting.init(8 * 2)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 2)
+        >>> out = step(params, opt_state, agg_state, ((x,), (y,)))
+        >>> out.metrics["weights"].shape
+        torch.Size([8, 2])
+    """
+    _check(weighting, optimizer)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+
+    def step(
+        params: TensorDictBase, opt_state: Any, agg_state: Any, batch: Sequence[Any]
+    ) -> StepOutput:
+        if not (isinstance(batch, Sequence) and len(batch) == 2):
+            raise ValueError(
+                "A Gramian step takes `batch = (inputs, targets)`, two tuples: the model's "
+                "inputs and the further arguments of `losses_fn`."
+            )
+        inputs, targets = batch
+        losses, square, combine = value_and_per_sample_gramian(
+            model, params, tuple(inputs), losses_fn, tuple(targets)
+        )
+        flat_weights, new_state = weighting.update(square, agg_state)
+        weights = reshape_weights(flat_weights, losses.shape)
+        metrics = {
+            "losses": losses,
+            "weights": weights,
+            "decrease": (square @ flat_weights.to(square.dtype)).reshape(losses.shape),
+        }
+        return _finish(params, combine(weights), opt_state, optimizer, new_state, metrics)
 
     return step

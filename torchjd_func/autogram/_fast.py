@@ -23,7 +23,8 @@ clipping, Li et al. 2022, Bu et al. 2023) is used for each layer and call:
   memory ``R·B·in·out``.
 
 Every other unit (or a group of units sharing a parameter) takes the generic path of
-:mod:`torchjd_func.autogram._engine`.
+:mod:`torchjd_func.autogram._engine`. The same closed forms give the per-sample Gramians of
+:mod:`torchjd_func._probes` (``gramian_step``), pure and compiled, which have no generic path.
 """
 
 import math
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 
 from torchjd_func.autogram._recording import Call
 
-__all__ = ["DISPATCH", "fast_square_gramian"]
+__all__ = ["DISPATCH", "fast_square_gramian", "layer_gramian", "layer_operands"]
 
 DISPATCH: Counter[str] = Counter()
 """How often each way was taken, for tests and benchmarks: ``"linear.ghost"``,
@@ -87,26 +88,37 @@ def fast_square_gramian(
         if part is None:
             return None
         parts.append(part)
+    total, way = layer_gramian(parts, "weight" in trainable, "bias" in trainable, batched=batched)
+    DISPATCH[f"{kind}.{way}"] += 1
+    return total
+
+
+def layer_gramian(
+    parts: Sequence[_Operands], weight: bool, bias: bool, *, batched: bool = True
+) -> tuple[Tensor, str]:
+    """The Gramian ``[B, R, B, R]`` of one layer's per-sample gradients w.r.t. its weight and/or
+    its bias (at least one), summed over its calls ``parts``, and the way taken for the weight:
+    ``"ghost"``, ``"materialise"`` or ``"bias_only"``. ``batched``: as in
+    :func:`fast_square_gramian`."""
     inputs = torch.cat([p.inputs for p in parts], dim=1)
     cots = torch.cat([p.cotangents for p in parts], dim=2)
     if not batched:
         folded = inputs.shape[0] * inputs.shape[1]
         inputs = inputs.reshape(1, folded, *inputs.shape[2:])
         cots = cots.reshape(cots.shape[0], 1, folded, cots.shape[-1])
-    operands = _Operands(kind, inputs, cots, parts[0].in_features)
+    operands = _Operands(parts[0].kind, inputs, cots, parts[0].in_features)
 
     total: Tensor | None = None
-    if "weight" in trainable:
+    way = "bias_only"
+    if weight:
         ghost = use_ghost(operands)
-        DISPATCH[f"{kind}.{'ghost' if ghost else 'materialise'}"] += 1
+        way = "ghost" if ghost else "materialise"
         total = _ghost(operands) if ghost else _materialise(operands)
-    else:
-        DISPATCH[f"{kind}.bias_only"] += 1
-    if "bias" in trainable:
-        bias = _square(cots.sum(dim=2))
-        total = bias if total is None else total + bias
-    assert total is not None  # `trainable` is not empty
-    return total
+    if bias:
+        square = _square(cots.sum(dim=2))
+        total = square if total is None else total + square
+    assert total is not None  # `weight` or `bias`
+    return total, way
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -148,14 +160,21 @@ def _operands(
 ) -> _Operands | None:
     """``call``'s input and output cotangent as ``[B, T, ...]`` operands, or ``None``."""
     x = _single_input(call)
-    weight = getattr(module, "weight", None)
-    if x is None or not isinstance(weight, Tensor) or len(call.slots) != 1:
+    if x is None or len(call.slots) != 1:
         return None
     d = cotangents[0]
+    if call.slots[0].position != 0 or d is None or d.shape[1:] != call.slots[0].shape:
+        return None
+    return layer_operands(kind, module, x, d)
+
+
+def layer_operands(kind: str, module: nn.Module, x: Tensor, d: Tensor) -> _Operands | None:
+    """One call of a layer of ``kind`` (see :func:`_kind`) as ``[B, T, ...]`` operands, from its
+    input ``x`` ``[B, ...]`` and the cotangents ``d`` ``[R, *output.shape]`` of its output, or
+    ``None`` when the call has no closed form (unbatched input, mixed dtypes or devices)."""
+    weight = getattr(module, "weight", None)
     if (
-        call.slots[0].position != 0
-        or d is None
-        or d.shape[1:] != call.slots[0].shape
+        not isinstance(weight, Tensor)
         or d.dtype != weight.dtype  # e.g. autocast: left to the generic path
         or d.device != x.device
         or x.ndim < 1
@@ -230,9 +249,22 @@ def _square(per_sample: Tensor) -> Tensor:
     return (rows @ rows.T).reshape(batch, n_rows, batch, n_rows)
 
 
-def _unique_tokens(ids: Tensor) -> tuple[Tensor, int]:
-    unique, inverse = torch.unique(ids, return_inverse=True)
-    return inverse, unique.numel()
+def _unique_tokens(ids: Tensor, vocabulary: int) -> tuple[Tensor, int]:
+    """The slot of each id among ``n`` token slots, and ``n``.
+
+    Eager: one slot per distinct id. Under ``torch.compile``, where ``torch.unique`` breaks the
+    graph (its size depends on the data), ``min(vocabulary, ids.numel())`` slots: the ids
+    themselves, or their ranks among the distinct ids (extra slots stay zero)."""
+    if not torch.compiler.is_compiling():
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        return inverse, unique.numel()
+    if vocabulary <= ids.numel():
+        return ids, vocabulary
+    flat = ids.reshape(-1)
+    ordered, order = torch.sort(flat)
+    starts = torch.cat([torch.ones_like(flat[:1]), (ordered[1:] != ordered[:-1]).to(flat.dtype)])
+    ranks = torch.cumsum(starts, dim=0) - 1
+    return torch.empty_like(flat).scatter_(0, order, ranks).reshape(ids.shape), flat.numel()
 
 
 def use_ghost(op: _Operands) -> bool:
@@ -294,7 +326,7 @@ def _materialise(op: _Operands) -> Tensor:
     if op.kind != "embedding":
         return _square(torch.einsum("rbto,bti->rboi", d, op.inputs))
     # Scatter the cotangents into the rows of the tokens present in the batch.
-    inverse, n_tokens = _unique_tokens(op.inputs)
+    inverse, n_tokens = _unique_tokens(op.inputs, op.in_features)
     offsets = torch.arange(batch, device=d.device).unsqueeze(1) * n_tokens
     grads = d.new_zeros(n_rows, batch * n_tokens, out)
     grads.index_add_(1, (offsets + inverse).reshape(-1), d.reshape(n_rows, batch * positions, out))

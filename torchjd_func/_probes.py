@@ -1,0 +1,311 @@
+"""Per-sample Gramians from probes on the layers: a pure function that compiles in one graph.
+
+For per-sample losses ``[B]`` (IWRM, one row per sample, ``R = 1``) or ``[B, m]`` (IWMTL,
+``R = m``) of a model whose trainable parameters all belong to layers with a closed-form
+per-sample Gramian (exactly ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` with ``groups=1`` or
+``nn.Embedding``: :mod:`torchjd_func.autogram._fast`), the Gramian ``G = J Jᵀ`` over the ``B·R``
+losses needs only each layer call's input ``A`` and the cotangents ``D`` of its output:
+
+1. a forward pass under ``torch.no_grad()`` gives the shapes of the layers' outputs (under
+   ``torch.compile`` its results are unused, so its ops are dead code);
+2. the differentiated forward pass (``torch.func.vjp`` of ``call(model, params, *inputs)``)
+   records each layer call's input and adds a zero **probe** to its output. The probes are inputs
+   of the vjp, so its cotangent w.r.t. a probe is ``D``: one backward pass with ones for losses
+   ``[B]``, ``m`` of them (``vmap`` over one-hot task cotangents) for ``[B, m]``. As the loss of
+   sample ``b`` depends on sample ``b`` only, ``D[r, b]`` is the derivative of loss ``(b, r)``
+   w.r.t. sample ``b``'s part of the output;
+3. each layer's Gramian ``[B, R, B, R]`` comes in closed form (``(A Aᵀ) ⊙ (D Dᵀ)`` summed over
+   positions, or materialised per-sample gradients, whichever costs less), summed over layers;
+4. the update ``Jᵀw`` for weights ``w`` is the same vjp w.r.t. ``params``, with cotangent ``w``.
+
+The probes are put in by forward hooks, installed by giving each layer a new ``_forward_hooks``
+dict (its hooks plus the probe) and restoring the original dict in ``finally``:
+``register_forward_hook`` breaks the graph under ``torch.compile`` (its ``RemovableHandle``
+increments a class attribute) and dynamo does not trace item assignment into a hooks dict, but it
+does trace replacing the dict.
+"""
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, cast
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor, nn
+from torch.func import vjp, vmap
+
+from torchjd_func._jacobian import VjpFn, _check_output
+from torchjd_func._tree import call, check_params, dotted, from_leaves
+from torchjd_func._types import LeafKey
+from torchjd_func.autogram._engine import _batch_incompatibility
+from torchjd_func.autogram._fast import _kind, _Operands, layer_gramian, layer_operands
+
+__all__ = ["PerSampleGramian", "value_and_per_sample_gramian"]
+
+_PROBE = "torchjd_func.probe"
+"""The key of the probe hook in a layer's hooks dict (never an int, the keys of other hooks)."""
+
+_SUPPORTED = (
+    "nn.Linear, nn.Conv1d / nn.Conv2d (groups=1) and nn.Embedding (without max_norm, "
+    "scale_grad_by_freq or sparse), exactly (not subclasses)"
+)
+
+Hook = Callable[[nn.Module, tuple[Any, ...], Any], Any]
+
+
+class PerSampleGramian(NamedTuple):
+    """What :func:`value_and_per_sample_gramian` returns."""
+
+    losses: Tensor
+    """The per-sample losses, ``[B]`` or ``[B, m]``."""
+    gramian: Tensor
+    """``[M, M]`` with ``M = losses.numel()``, rows in ``losses.flatten()`` order."""
+    combine: Callable[[Tensor], TensorDict]
+    """``combine(weights)``: ``Jᵀw`` for weights shaped like the losses, params-shaped."""
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """A layer holding trainable parameters of ``params``, and which of them."""
+
+    path: str
+    module: nn.Module
+    kind: str
+    weight: bool
+    bias: bool
+
+    def __str__(self) -> str:
+        return _module_name(self.path, self.module)
+
+
+def _module_name(path: str, module: nn.Module) -> str:
+    where = f"module {path!r}" if path else "the model itself"
+    return f"{where} ({type(module).__name__})"
+
+
+def _layers(model: nn.Module, names: Sequence[str]) -> list[_Layer]:
+    """The layers owning the parameters ``names``, each checked to have a closed form."""
+    for path, module in model.named_modules():
+        reason = _batch_incompatibility(module)
+        if reason is not None:
+            raise ValueError(
+                f"Per-sample Gramians need the loss of each sample to depend on that sample only, "
+                f"but {_module_name(path, module)} mixes the samples: {reason}. Put it in eval "
+                "mode (running statistics), or use `jd_step` on the losses of the whole batch."
+            )
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for path, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((path, module, attr))
+    everything = dict(model.named_parameters(remove_duplicate=False))
+    found: dict[str, _Layer] = {}
+    for name in names:
+        param = everything.get(name)
+        if param is None:
+            continue  # `call` reports the names that the model does not have
+        places = owners[id(param)]
+        if len(places) > 1:
+            shared = ", ".join(_module_name(path, module) for path, module, _ in places)
+            raise TypeError(
+                f"The trainable parameter {name!r} is shared by {shared}: tied weights have no "
+                "per-layer closed-form Gramian. Use `per_sample_step`, which handles any model."
+            )
+        path, module, attr = places[0]
+        kind = _kind(module)
+        if kind is None or attr not in ("weight", "bias"):
+            raise TypeError(
+                f"The trainable parameter {name!r} belongs to "
+                f"{_module_name(path, module)}, which has no closed-form per-sample Gramian: "
+                f"`gramian_step` supports {_SUPPORTED}. Use `per_sample_step`, which handles any "
+                "model, or leave this parameter out of `params` to freeze it."
+            )
+        layer = found.get(path, _Layer(path, module, kind, False, False))
+        found[path] = _Layer(
+            path,
+            module,
+            kind,
+            layer.weight or attr == "weight",
+            layer.bias or attr == "bias",
+        )
+    return list(found.values())
+
+
+def _run(
+    model: nn.Module,
+    params: TensorDictBase,
+    inputs: Sequence[Any],
+    layers: Sequence[_Layer],
+    hook_of: Callable[[int], Hook],
+) -> Any:
+    """``call(model, params, *inputs)`` with the hook ``hook_of(i)`` on layer ``i``, removed after
+    (even on an error)."""
+    originals = [layer.module._forward_hooks for layer in layers]
+    try:
+        for i, (layer, original) in enumerate(zip(layers, originals, strict=True)):
+            hooks: dict[Any, Callable[..., Any]] = OrderedDict([*original.items()])
+            hooks[_PROBE] = hook_of(i)
+            layer.module._forward_hooks = hooks
+        return call(model, params, *inputs)
+    finally:
+        for layer, original in zip(layers, originals, strict=True):
+            layer.module._forward_hooks = original
+
+
+class _Plan(NamedTuple):
+    """One layer call of the forward pass, in call order."""
+
+    layer: int
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _discover(
+    model: nn.Module, params: TensorDictBase, inputs: Sequence[Any], layers: Sequence[_Layer]
+) -> list[_Plan]:
+    plan: list[_Plan] = []
+
+    def hook_of(i: int) -> Hook:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            plan.append(_Plan(i, output.shape, output.dtype, output.device))
+
+        return hook
+
+    with torch.no_grad():
+        _run(model, params, inputs, layers, hook_of)
+    return plan
+
+
+def _check_losses(losses: Tensor, batch: int) -> None:
+    if losses.ndim not in (1, 2) or losses.shape[0] != batch:
+        raise ValueError(
+            "`losses_fn` must return per-sample losses of shape [B] (IWRM) or [B, m] (IWMTL), "
+            f"with B = {batch} the size of dim 0 of the first input; got shape "
+            f"{list(losses.shape)}. Reduce over anything but the samples (and tasks), e.g. "
+            "`.mean(dim=1)`, never over the batch."
+        )
+
+
+def value_and_per_sample_gramian(
+    model: nn.Module,
+    params: TensorDictBase,
+    inputs: Sequence[Any],
+    losses_fn: Callable[..., Tensor],
+    targets: Sequence[Any] = (),
+) -> PerSampleGramian:
+    """Per-sample losses, their Gramian from the layers' closed forms, and ``w -> Jᵀw``.
+
+    With ``outputs = call(model, params, *inputs)`` and ``losses = losses_fn(outputs, *targets)``
+    of shape ``[B]`` or ``[B, m]`` (``B = inputs[0].shape[0]``), returns the flattened Gramian
+    ``[M, M]`` (``M = losses.numel()``) of the Jacobian of the losses w.r.t. ``params``, without
+    computing that Jacobian. Every trainable parameter in ``params`` must belong to a supported
+    layer, each of whose calls takes one positional input batched on dim 0.
+
+    The loss of sample ``b`` must depend on sample ``b`` only: a batch statistic (BatchNorm in
+    training mode) or any other coupling of the samples gives a wrong Gramian; the modules known
+    to couple them are rejected.
+
+    Args:
+        model: The model; its supported layers get temporary forward hooks.
+        params: Its trainable parameters, keyed as :func:`~torchjd_func.params_of` gives them.
+        inputs: The model's positional inputs; the first is a tensor batched on dim 0.
+        losses_fn: ``losses_fn(outputs, *targets) -> losses [B] or [B, m]``.
+        targets: Further arguments of ``losses_fn``.
+
+    Returns:
+        ``PerSampleGramian(losses, gramian, combine)``.
+
+    Raises:
+        TypeError: a trainable parameter belongs to an unsupported module (or is shared by
+            several), or a layer call has no closed form (keyword input, mixed dtypes).
+        ValueError: the losses are not ``[B]`` or ``[B, m]``, a module couples the samples, or
+            a layer's input is not batched on dim 0.
+    """
+    if not inputs or not isinstance(inputs[0], Tensor) or inputs[0].ndim == 0:
+        raise ValueError(
+            "The inputs must start with a tensor batched on dim 0 (the samples), got "
+            f"{[type(i).__name__ for i in inputs]}."
+        )
+    batch = inputs[0].shape[0]
+    params_leaves = check_params(params)
+    keys: list[LeafKey] = list(params_leaves)
+    layers = _layers(model, [dotted(key) for key in keys])
+    plan = _discover(model, params, inputs, layers)
+
+    def forward(
+        leaf_tensors: tuple[Tensor, ...], probes: tuple[Tensor, ...]
+    ) -> tuple[Tensor, list[Tensor]]:
+        recorded: list[Tensor] = []
+
+        def hook_of(i: int) -> Hook:
+            def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+                n = len(recorded)
+                if n >= len(plan) or plan[n].layer != i:
+                    raise RuntimeError(
+                        "The model called its layers in a different order in two forward passes "
+                        "over the same inputs (control flow depending on randomness?)."
+                    )
+                if len(args) != 1 or not isinstance(args[0], Tensor):
+                    raise TypeError(
+                        f"{layers[i]} must be called with exactly one positional tensor input "
+                        "to have a closed-form Gramian. Use `per_sample_step`."
+                    )
+                recorded.append(args[0])
+                return output + probes[n]
+
+            return hook
+
+        tensors = from_leaves(dict(zip(keys, leaf_tensors, strict=True)), [])
+        outputs = _run(model, tensors, inputs, layers, hook_of)
+        losses = _check_output(losses_fn(outputs, *targets), "`losses_fn`")
+        _check_losses(losses, batch)
+        return losses, recorded
+
+    probes = tuple(torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in plan)
+    losses, vjp_fn, recorded = cast(
+        "tuple[Tensor, VjpFn, list[Tensor]]",
+        vjp(forward, tuple(params_leaves.values()), probes, has_aux=True),
+    )
+    cotangents: Sequence[Tensor]
+    if losses.ndim == 1:
+        cotangents = [d.unsqueeze(0) for d in vjp_fn(torch.ones_like(losses))[1]]
+    else:
+        n_tasks = losses.shape[1]
+        one_hot = torch.eye(n_tasks, dtype=losses.dtype, device=losses.device)
+        rows = one_hot.unsqueeze(1).expand(n_tasks, batch, n_tasks)  # [R, B, m]
+        per_task = vmap(lambda row: vjp_fn(row)[1])(rows)
+        cotangents = cast("tuple[Tensor, ...]", per_task)  # each [R, *output.shape]
+
+    parts: list[list[_Operands]] = [[] for _ in layers]
+    for step, x, d in zip(plan, recorded, cotangents, strict=True):
+        layer = layers[step.layer]
+        if x.ndim == 0 or x.shape[0] != batch:
+            raise ValueError(
+                f"The input of {layer} has shape {list(x.shape)}: it is not batched on dim 0 "
+                f"(batch size {batch}). Use `per_sample_step`."
+            )
+        operands = layer_operands(layer.kind, layer.module, x, d)
+        if operands is None:
+            raise TypeError(
+                f"A call of {layer} has no closed-form Gramian (an unbatched input, or input, "
+                "output and weight of different dtypes or devices). Use `per_sample_step`."
+            )
+        parts[step.layer].append(operands)
+    n_rows = losses.numel()
+    total = losses.new_zeros(n_rows, n_rows)
+    for layer, layer_parts in zip(layers, parts, strict=True):
+        if layer_parts:  # a layer that no call reached has zero gradients
+            square, _ = layer_gramian(layer_parts, layer.weight, layer.bias)
+            total = total + square.reshape(n_rows, n_rows)
+
+    def combine(weights: Tensor) -> TensorDict:
+        if weights.shape != losses.shape:
+            raise ValueError(
+                f"Expected weights of the losses' shape {list(losses.shape)}, got "
+                f"{list(weights.shape)}."
+            )
+        grads = vjp_fn(weights.to(losses.dtype))[0]
+        return from_leaves(dict(zip(keys, grads, strict=True)), [])
+
+    return PerSampleGramian(losses, total, combine)
