@@ -345,7 +345,7 @@ def _per_sample_parts(
 
     out = value_and_per_sample_gramian(model, params, (x,), losses_fn, (y,))
     m = out.gramian.shape[0]
-    parts: dict[str, Step | str] = {"jacobian": "- (none)", "gramian": gramian_fn}
+    parts: dict[str, Step | str] = {"jacobian": "n/a", "gramian": gramian_fn}
     if solver_gib(m) > max_gib:
         parts["weights"] = f"skipped: {solver_gib(m):.1f} GiB solves"
         weights = torch.full((m,), 1 / m, device=device)
@@ -630,7 +630,8 @@ def report(
     if parts_rows:
         lines += ["", "Parts of our eager step, each timed on its own (median ms):", ""]
         lines += [
-            "| config | Jacobian (incl. forward) | Gramian | UPGrad weights | combine + SGD |",
+            "| config | Jacobian (incl. forward) | Gramian (IWRM, IWMTL: incl. forward, backward) "
+            "| UPGrad weights | combine + SGD |",
             "|---|---|---|---|---|",
         ]
         for config, parts in parts_rows:
