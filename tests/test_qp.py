@@ -382,9 +382,10 @@ def test_solve_box_qp_matches_enumeration_with_shared_gramian() -> None:
         torch.testing.assert_close(yi, expected, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("m", [1, 2])
-def test_closed_form_for_small_m_matches_enumeration(m: int) -> None:
-    """m ≤ 2 takes the closed-form path: random LCPs (any sign of c, ill-conditioned G)."""
+@pytest.mark.parametrize("m", [1, 2, 3, 6])
+def test_small_m_paths_match_enumeration(m: int) -> None:
+    """m ≤ 2 (closed form) and m ≤ 6 (batched enumeration): random LCPs (any sign of c,
+    ill-conditioned G) against the reference enumeration of this file."""
     g, _ = hard_lcps(m=m, b=50, seed=3)
     c = torch.randn(50, 3, m, generator=torch.Generator().manual_seed(4), dtype=F64)
     y = solve_box_qp(g.to(DEVICE), c.to(DEVICE)).cpu()
@@ -414,15 +415,20 @@ def test_non_finite_inputs_give_nan_only_where_they_are(bad: float) -> None:
 # Transforms: vmap, compile, autograd
 
 
+# m = 4 takes the enumeration of the active sets, m = 9 the active-set method (PDAS).
+SOLVER_PATHS = [4, 9]
+
+
+@pytest.mark.parametrize("m", SOLVER_PATHS)
 @pytest.mark.parametrize("fn", [upgrad_weights, dualproj_weights, mgda_weights])
-def test_vmap_equals_loop(fn: Callable[[Tensor], Tensor]) -> None:
-    g = gramians(4, seed=7, scales=[1.0]).to(DEVICE, DTYPE)
+def test_vmap_equals_loop(fn: Callable[[Tensor], Tensor], m: int) -> None:
+    g = gramians(m, seed=7, scales=[1.0]).to(DEVICE, DTYPE)
     looped = torch.stack([fn(x) for x in g])
     torch.testing.assert_close(torch.vmap(fn)(g), looped, rtol=1e-6, atol=1e-7)
 
 
 def test_vmap_over_changing_shapes() -> None:
-    for m, b in [(3, 4), (4, 4), (5, 2)]:
+    for m, b in [(3, 4), (4, 4), (8, 2), (9, 3)]:
         g = gramians(m, seed=m, scales=[1.0])[:b].to(DEVICE, DTYPE)
         torch.testing.assert_close(torch.vmap(upgrad_weights)(g), upgrad_weights(g))
 
@@ -438,13 +444,14 @@ def test_vmap_with_fallback_equals_loop() -> None:
     torch.testing.assert_close(torch.vmap(solve_box_qp)(g, c), looped, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("m", SOLVER_PATHS)
 @pytest.mark.parametrize("fn", [upgrad_weights, dualproj_weights, mgda_weights])
-def test_compile_fullgraph_without_recompile(fn: Callable[[Tensor], Tensor]) -> None:
+def test_compile_fullgraph_without_recompile(fn: Callable[[Tensor], Tensor], m: int) -> None:
     """Dynamo captures the whole function in one graph, reused for new data of the same shape."""
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
     compiled = torch.compile(fn, fullgraph=True, backend=counter)
-    g = gramians(5, seed=8, scales=[1.0]).to(DEVICE, DTYPE)
+    g = gramians(m, seed=8, scales=[1.0]).to(DEVICE, DTYPE)
     for x in (g[0], g[1]):
         torch.testing.assert_close(compiled(x), fn(x), rtol=1e-6, atol=1e-7)
     assert counter.frame_count == 1
@@ -455,18 +462,19 @@ def test_compile_dynamic_shapes() -> None:
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
     compiled = torch.compile(upgrad_weights, fullgraph=True, backend=counter, dynamic=True)
-    for m in (5, 7):
+    for m in (9, 11):
         x = gramians(m, seed=m, scales=[1.0])[0].to(DEVICE, DTYPE)
         torch.testing.assert_close(compiled(x), upgrad_weights(x), rtol=1e-6, atol=1e-7)
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("m", SOLVER_PATHS)
 @pytest.mark.filterwarnings("ignore:.*_prims_common.check.*:FutureWarning")
-def test_compile_inductor_equals_eager() -> None:
+def test_compile_inductor_equals_eager(m: int) -> None:
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     compiled = torch.compile(upgrad_weights, fullgraph=True, backend=counter)
-    g = gramians(4, seed=9, scales=[1.0]).to(DEVICE, DTYPE)
+    g = gramians(m, seed=9, scales=[1.0]).to(DEVICE, DTYPE)
     for x in (g[2], g[3]):
         torch.testing.assert_close(compiled(x), upgrad_weights(x), rtol=1e-6, atol=1e-7)
     assert counter.frame_count == 1
@@ -474,11 +482,14 @@ def test_compile_inductor_equals_eager() -> None:
 
 def test_gradients_match_finite_differences() -> None:
     gen = torch.Generator().manual_seed(3)
-    j = torch.randn(3, 4, generator=gen, dtype=F64) - torch.tensor([2.0, 0, 0, 0], dtype=F64)
-    j[0] *= -1  # a conflict, so that some constraints are active
-    j = j.to(DEVICE)
-    for fn in (upgrad_weights, dualproj_weights, mgda_weights):
-        assert torch.autograd.gradcheck(lambda x, fn=fn: fn(x @ x.T), (j.clone().requires_grad_(),))
+    for m in (3, 8):  # enumeration, PDAS
+        j = torch.randn(m, m + 1, generator=gen, dtype=F64)
+        j[:, 0] -= 2.0
+        j[0] *= -1  # a conflict, so that some constraints are active
+        j = j.to(DEVICE)
+        for fn in (upgrad_weights, dualproj_weights, mgda_weights):
+            x0 = j.clone().requires_grad_()
+            assert torch.autograd.gradcheck(lambda x, fn=fn: fn(x @ x.T), (x0,))
 
 
 def test_no_grad_values_equal_grad_values() -> None:

@@ -216,7 +216,9 @@ def inner_products(jac: TensorDictBase, direction: TensorDictBase) -> Tensor:
 
     ``(J d)_i = <∇L_i, d>`` is the first-order change of loss ``i`` along ``d``; for an update
     ``d`` applied as ``params - lr * d``, the losses change by ``-lr * (J d)`` to first order, so
-    a non-negative ``J d`` means no loss increases (what UPGrad guarantees).
+    a non-negative ``J d`` means no loss increases. UPGrad guarantees it up to its
+    regularisation: its weights satisfy ``J d = G w ≥ −reg_eps·tr(G)·w`` entrywise (exactly
+    non-negative with ``reg_eps=0``).
 
     Args:
         jac: A Jacobian TensorDict (leaves ``[*s, *param.shape]``).

@@ -59,8 +59,9 @@ class StepOutput(NamedTuple):
     metrics: dict[str, Tensor]
     """``"losses"`` (before the update), ``"weights"`` (the aggregation weights) and
     ``"decrease"``: ``J d``, the first-order decrease of each loss per unit learning rate along
-    the aggregated direction ``d`` (non-negative everywhere for UPGrad; for MTL, through the
-    shared parameters only), all in the losses' shape."""
+    the aggregated direction ``d`` (for UPGrad non-negative up to its regularisation,
+    ``≥ −reg_eps·tr(G)·w``; for MTL, through the shared parameters only), all in the losses'
+    shape."""
 
 
 StepFn = Callable[[TensorDictBase, Any, Any, Sequence[Any]], StepOutput]
