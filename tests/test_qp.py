@@ -336,7 +336,7 @@ def test_mgda_rejects_nonpositive_regularization() -> None:
 
 
 def test_fallback_solves_what_pdas_alone_cannot() -> None:
-    g, c = hard_lcps(m=8, b=500, seed=0)
+    g, c = hard_lcps(m=12, b=500, seed=0)
     g, c = g.to(DEVICE), c.to(DEVICE)
     pdas_only = solve_box_qp(g, c, ipm_iters=0, polish_iters=0)
     assert (natural_residual(g, c, pdas_only) > 1e-6).sum() >= 5  # cycling instances exist
@@ -434,7 +434,7 @@ def test_vmap_over_changing_shapes() -> None:
 
 
 def test_vmap_with_fallback_equals_loop() -> None:
-    g, c = hard_lcps(m=8, b=200, seed=0)
+    g, c = hard_lcps(m=12, b=500, seed=0)
     unconverged = natural_residual(g, c, solve_box_qp(g, c, ipm_iters=0, polish_iters=0)) > 1e-9
     # Some elements need the fallback, others not: under vmap it runs for all of them, in the
     # loop only where needed, and the converged ones must not change.
