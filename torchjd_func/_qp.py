@@ -548,12 +548,14 @@ def _jacobi_start(gramian: Tensor, c: Tensor, sweeps: int) -> Tensor:
     sweeps only. Problems whose objective ``½yᵀGy + cᵀy`` did not decrease below that of ``y = 0``
     (the damped iteration can diverge when the gradients are nearly colinear) start from 0.
     """
-    step = -_JACOBI_DAMPING / gramian.diagonal(dim1=-2, dim2=-1)[..., None, :]
-    y = torch.zeros_like(c)
+    # In float32: only the free set matters, and the products cost half.
+    g32, c32 = gramian.float(), c.float()
+    step = -_JACOBI_DAMPING / g32.diagonal(dim1=-2, dim2=-1)[..., None, :]
+    y = torch.zeros_like(c32)
     for _ in range(sweeps):
-        y = torch.addcmul(y, y @ gramian + c, step).clamp_min(0.0)
-    objective = (y * (0.5 * (y @ gramian) + c)).sum(dim=-1, keepdim=True)
-    return torch.where(objective < 0, y, torch.zeros_like(y))
+        y = torch.addcmul(y, y @ g32 + c32, step).clamp_min(0.0)
+    objective = (y * (0.5 * (y @ g32) + c32)).sum(dim=-1, keepdim=True)
+    return torch.where(objective < 0, y, torch.zeros_like(y)).to(c.dtype)
 
 
 def _search(
