@@ -8,15 +8,17 @@ losses needs only each layer call's input ``A`` and the cotangents ``D`` of its 
 
 1. a forward pass under ``torch.no_grad()`` gives the shapes of the layers' outputs (under
    ``torch.compile`` its results are unused, so its ops are dead code);
-2. the differentiated forward pass (``torch.func.vjp`` of ``call(model, params, *inputs)``)
-   records each layer call's input and adds a zero **probe** to its output. The probes are inputs
-   of the vjp, so its cotangent w.r.t. a probe is ``D``: one backward pass with ones for losses
+2. the differentiated forward pass (``torch.func.vjp`` of ``call(model, params, *inputs)`` w.r.t.
+   the probes only) records each layer call's input and adds a zero **probe** to its output. The
+   probes are the inputs of the vjp, so its cotangent w.r.t. a probe is ``D``: one backward pass with ones for losses
    ``[B]``, ``m`` of them (``vmap`` over one-hot task cotangents) for ``[B, m]``. As the loss of
    sample ``b`` depends on sample ``b`` only, ``D[r, b]`` is the derivative of loss ``(b, r)``
    w.r.t. sample ``b``'s part of the output;
 3. each layer's Gramian ``[B, R, B, R]`` comes in closed form (``(A Aᵀ) ⊙ (D Dᵀ)`` summed over
    positions, or materialised per-sample gradients, whichever costs less), summed over layers;
-4. the update ``Jᵀw`` for weights ``w`` is the same vjp w.r.t. ``params``, with cotangent ``w``.
+4. the update ``Jᵀw`` for weights ``w`` comes in closed form from the same ``A`` and ``D``
+   (``Σ w_rb d_rbt a_btᵀ`` per weight, ``Σ w_rb d_rbt`` per bias): no other backward pass, and the
+   one for ``D`` computes no parameter gradient.
 
 The probes are put in by forward hooks, installed by giving each layer a new ``_forward_hooks``
 dict (its hooks plus the probe) and restoring the original dict in ``finally``:
@@ -187,6 +189,38 @@ def _check_losses(losses: Tensor, batch: int) -> None:
         )
 
 
+def _weighted_gradients(
+    layer: _Layer, parts: Sequence[_Operands], weights: Tensor
+) -> dict[str, Tensor]:
+    """``Σ_{r,b} w_rb ∇ loss_rb`` w.r.t. the layer's trainable parameters, by name, in closed
+    form from its calls' operands (inputs ``[B, T, in]`` or ids ``[B, T]``, cotangents
+    ``[R, B, T, out]``) and the weights ``[R, B]``."""
+    module = layer.module
+    prefix = f"{layer.path}." if layer.path else ""
+    weight = cast(Tensor, module.weight)
+    bias = getattr(module, "bias", None)
+    grad_weight = torch.zeros_like(weight) if layer.weight else None
+    grad_bias = torch.zeros_like(bias) if layer.bias and isinstance(bias, Tensor) else None
+    for part in parts:
+        # Σ_r w_rb d_rbt: the cotangent of the weighted sum of the losses, [B, T, out].
+        weighted = torch.einsum("rbto,rb->bto", part.cotangents, weights)
+        if grad_weight is not None:
+            if part.kind == "embedding":
+                rows = weighted.reshape(-1, weighted.shape[-1])
+                grad_weight = grad_weight.index_add(0, part.inputs.reshape(-1), rows)
+            else:
+                flat = torch.einsum("bto,bti->oi", weighted, part.inputs)
+                grad_weight = grad_weight + flat.reshape(weight.shape)
+        if grad_bias is not None:
+            grad_bias = grad_bias + weighted.sum(dim=(0, 1))
+    grads: dict[str, Tensor] = {}
+    if grad_weight is not None:
+        grads[f"{prefix}weight"] = grad_weight
+    if grad_bias is not None:
+        grads[f"{prefix}bias"] = grad_bias
+    return grads
+
+
 def value_and_per_sample_gramian(
     model: nn.Module,
     params: TensorDictBase,
@@ -263,18 +297,21 @@ def value_and_per_sample_gramian(
         return losses, recorded
 
     probes = tuple(torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in plan)
+    leaf_tensors = tuple(params_leaves.values())
+    # Differentiated w.r.t. the probes only: the backward pass computes the cotangents of the
+    # layer outputs, not the parameter gradients, which come in closed form (`combine`).
     losses, vjp_fn, recorded = cast(
         "tuple[Tensor, VjpFn, list[Tensor]]",
-        vjp(forward, tuple(params_leaves.values()), probes, has_aux=True),
+        vjp(lambda p: forward(leaf_tensors, p), probes, has_aux=True),
     )
     cotangents: Sequence[Tensor]
     if losses.ndim == 1:
-        cotangents = [d.unsqueeze(0) for d in vjp_fn(torch.ones_like(losses))[1]]
+        cotangents = [d.unsqueeze(0) for d in vjp_fn(torch.ones_like(losses))[0]]
     else:
         n_tasks = losses.shape[1]
         one_hot = torch.eye(n_tasks, dtype=losses.dtype, device=losses.device)
         rows = one_hot.unsqueeze(1).expand(n_tasks, batch, n_tasks)  # [R, B, m]
-        per_task = vmap(lambda row: vjp_fn(row)[1])(rows)
+        per_task = vmap(lambda row: vjp_fn(row)[0])(rows)
         cotangents = cast("tuple[Tensor, ...]", per_task)  # each [R, *output.shape]
 
     parts: list[list[_Operands]] = [[] for _ in layers]
@@ -305,7 +342,15 @@ def value_and_per_sample_gramian(
                 f"Expected weights of the losses' shape {list(losses.shape)}, got "
                 f"{list(weights.shape)}."
             )
-        grads = vjp_fn(weights.to(losses.dtype))[0]
-        return from_leaves(dict(zip(keys, grads, strict=True)), [])
+        # [R, B]: one weight per (row, sample), as the cotangents are laid out.
+        rows_first = weights.to(losses.dtype).reshape(batch, -1).T
+        grads: dict[str, Tensor] = {}
+        for layer, layer_parts in zip(layers, parts, strict=True):
+            grads.update(_weighted_gradients(layer, layer_parts, rows_first))
+        leaves = {
+            key: grads.get(dotted(key), torch.zeros_like(leaf))
+            for key, leaf in params_leaves.items()
+        }
+        return from_leaves(leaves, [])
 
     return PerSampleGramian(losses, total, combine)

@@ -253,8 +253,9 @@ def gramian_step(
     layer's input ``A`` and output cotangents ``D`` in closed form, as in the autogram engine's
     fast path (``(A Aᵀ) ⊙ (D Dᵀ)`` summed over positions, or materialised per-sample gradients,
     whichever is cheaper), with no per-sample gradient of the whole model in memory: one forward
-    pass, one backward pass for ``D`` (``m`` of them, vmapped, for IWMTL), the per-layer
-    Gramians, the weighting on ``G``, and one backward pass for the update ``Jᵀw``.
+    pass, one backward pass for ``D`` (``m`` of them, vmapped, for IWMTL; no parameter
+    gradients), the per-layer Gramians, the weighting on ``G``, and the update ``Jᵀw`` in closed
+    form from the layers' inputs and ``D``.
 
     Every trainable parameter of ``params`` must belong to a layer that is exactly an
     ``nn.Linear``, an ``nn.Conv1d``/``nn.Conv2d`` with ``groups=1`` or an ``nn.Embedding``
