@@ -12,9 +12,10 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch._dynamo.testing
-from torch import Tensor
+from torch import Tensor, nn
 
 from tests.settings import DEVICE, DTYPE
+from tests.utils import reference_gramian
 from torchjd_func._qp import (
     _inverse,
     _padded_pair,
@@ -181,6 +182,19 @@ def test_projection_kkt_large(m: int) -> None:
     # All m rows of UPGrad's diag(1/m) for m = 128; 16 of them for m = 256, to keep it quick.
     step = 1 if m == 128 else m // 16
     u = torch.diag(torch.full((m,), 1.0 / m, dtype=F64, device=DEVICE))[::step]
+    v = dual_cone_projection(u, g)
+    assert projection_kkt(reference_normalize(g, 1e-4, 1e-4), u, v) <= 1e-6
+
+
+def test_projection_kkt_on_per_sample_gramian_of_an_mlp() -> None:
+    """A Gramian as IWRM sees it (per-sample gradients of an MLP, 96 samples): on these the
+    warm start of the active-set method helps least, so they exercise its later iterations."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 1)).to(F64)
+    x = torch.randn(96, 12, generator=gen, dtype=F64)
+    y = torch.randn(96, generator=gen, dtype=F64)
+    g = reference_gramian((model,), (model(x).squeeze(1) - y) ** 2).detach().to(DEVICE)
+    u = torch.diag(torch.full((96,), 1.0 / 96, dtype=F64, device=DEVICE))
     v = dual_cone_projection(u, g)
     assert projection_kkt(reference_normalize(g, 1e-4, 1e-4), u, v) <= 1e-6
 
