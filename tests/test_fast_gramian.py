@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from tests.settings import DEVICE
 from tests.utils import reference_gramian
+from tests.utils import token_ids as shared_token_ids
 from torchjd_func import flatten_gramian
 from torchjd_func.autogram import Engine, _fast
 
@@ -62,12 +63,7 @@ class Sequence(nn.Module):
 
 
 def token_ids(vocabulary: int, length: int) -> Tensor:
-    """Ids with a padding token and tokens repeated within and across samples."""
-    ids = torch.randint(1, vocabulary, (BATCH, length), device=DEVICE)
-    ids[1, 0] = ids[0, 1]
-    ids[2, 1] = ids[2, 0]
-    ids[3, 1] = 0
-    return ids
+    return shared_token_ids(vocabulary, BATCH, length, DEVICE)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from torch._dynamo.testing import CompileCounter
 
 from tests.architectures import ARCHITECTURES, M_OUT, ReusedLayer
 from tests.settings import DEVICE
-from tests.utils import assert_close, dotted_leaves, reference_gramian
+from tests.utils import assert_close, dotted_leaves, reference_gramian, token_ids
 from torchjd_func import call, params_of
 from torchjd_func._probes import value_and_per_sample_gramian
 from torchjd_func.aggregation import PureWeighting, gradvac, mean, random_, upgrad
@@ -59,12 +59,7 @@ def _floats(*shape: int) -> Callable[[int], Tensor]:
 
 
 def _token_ids(batch: int) -> Tensor:
-    """Ids of 6 tokens with padding and tokens repeated within and across samples."""
-    ids = torch.randint(1, VOCABULARY, (batch, 6), device=DEVICE)
-    ids[1, 0] = ids[0, 1]
-    ids[2, 1] = ids[2, 0]
-    ids[3, 1] = 0
-    return ids
+    return token_ids(VOCABULARY, batch, 6, DEVICE)
 
 
 @dataclass(frozen=True)

@@ -51,3 +51,13 @@ def reference_gramian(modules: tuple[nn.Module, ...], output: Tensor) -> Tensor:
         rows.append(torch.cat([part.reshape(-1) for part in parts]))
     jac = torch.stack(rows)
     return jac @ jac.T
+
+
+def token_ids(vocabulary: int, batch: int, length: int, device: torch.device | str) -> Tensor:
+    """Ids ``[batch, length]`` (batch ≥ 4, length ≥ 2) with a padding token (0) and tokens
+    repeated within and across samples."""
+    ids = torch.randint(1, vocabulary, (batch, length), device=device)
+    ids[1, 0] = ids[0, 1]
+    ids[2, 1] = ids[2, 0]
+    ids[3, 1] = 0
+    return ids
