@@ -211,6 +211,9 @@ def test_class_errors() -> None:
         MGDA(reg_eps=0.0)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         GradVac(beta=1.5)
+    elsewhere = gradvac().init(2, device="meta")  # a state created on another device
+    with pytest.raises(ValueError, match=r"targets are on meta.*init\(m, device="):
+        gradvac().update(J_BASE @ J_BASE.T, elsewhere)
     with pytest.raises(ValueError, match="vector"):
         UPGrad(torch.ones(2, 2, device=DEVICE))
     with pytest.raises(TypeError, match="Weighting"):

@@ -201,6 +201,48 @@ def test_samples_not_independent_work_without_batch_dim_only(arch: Architecture)
     check_against_reference(engine, (model,), squared_errors(model, arch, dtype).sum(dim=1))
 
 
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_ops_without_a_batching_rule_fall_back_to_one_backward_per_row(
+    monkeypatch: pytest.MonkeyPatch, batch_dim: int | None
+) -> None:
+    """cuDNN's RNN backward (CUDA) has no vmap batching rule: the batched backward raises, and
+    the engine then runs one backward pass per row. Simulated here by a failing batched call."""
+    real_grad = torch.autograd.grad
+    batched_calls = []
+
+    def grad(*args: Any, is_grads_batched: bool = False, **kwargs: Any) -> Any:
+        if is_grads_batched:
+            batched_calls.append(kwargs.get("grad_outputs"))
+            raise RuntimeError(
+                "Batching rule not implemented for aten::_cudnn_rnn_backward. "
+                "We could not generate a fallback."
+            )
+        return real_grad(*args, **kwargs)
+
+    model = build(ARCHITECTURES[0], torch.float64, DEVICE)
+    engine = Engine(model, batch_dim=batch_dim)
+    output = squared_errors(model, ARCHITECTURES[0], torch.float64)
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    generalized = engine.compute_gramian(output)
+    monkeypatch.undo()
+    assert batched_calls
+    assert_close(flatten_gramian(generalized), reference_gramian((model,), output))
+
+
+def test_other_runtime_errors_of_the_batched_backward_propagate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def grad(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("out of memory")
+
+    model = build(ARCHITECTURES[0], torch.float64, DEVICE)
+    engine = Engine(model, batch_dim=None)
+    output = squared_errors(model, ARCHITECTURES[0], torch.float64)
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.compute_gramian(output)
+
+
 def test_mode_is_checked_again_at_compute_time() -> None:
     model = batchnorm_train().to(DEVICE).eval()
     engine = Engine(model, batch_dim=0)

@@ -73,6 +73,27 @@ def test_params_that_the_module_does_not_have() -> None:
         call(MODEL, TensorDict({"weights": torch.ones(2, 3)}), X)
 
 
+def test_module_tensors_and_inputs_on_another_device() -> None:
+    """``meta`` stands in for a second device (the suite also runs without a GPU)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    params = params_of(model)  # on the CPU
+    model.to("meta")  # e.g. the model moved after params_of: its running statistics follow it
+    with pytest.raises(
+        ValueError, match=r"buffer '1\.running_mean' is on meta.*module\.to\('cpu'\)"
+    ):
+        call(model, params, X)
+    frozen = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    frozen[0].requires_grad_(False)
+    params = params_of(frozen)
+    frozen[0].to("meta")
+    with pytest.raises(ValueError, match=r"parameter '0\.weight' is on meta"):
+        call(frozen, params, X)
+    with pytest.raises(ValueError, match="Input 0 of Linear is on meta"):
+        call(MODEL, params_of(MODEL), X.to("meta"))
+    # Zero-dim tensors may live on another device, as in torch itself.
+    assert call(MODEL, params_of(MODEL), X * torch.tensor(2.0)).shape == (4, 2)
+
+
 @pytest.mark.parametrize("chunk_size", [0, -1, 1.5, True])
 def test_bad_chunk_size(chunk_size: object) -> None:
     with pytest.raises(ValueError, match="chunk_size"):

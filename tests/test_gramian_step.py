@@ -234,7 +234,11 @@ def test_compiles_once_without_graph_break_and_equals_eager(
     step = gramian_step(model, LOSSES[loss_shape], gradvac(), sgd(0.1, momentum=0.9))
     params = params_of(model)
     n_losses = BATCH * (M_OUT if loss_shape == "[B, m]" else 1)
-    state = (params, sgd(0.1, 0.9).init(params), gradvac().init(n_losses, dtype=DTYPE))
+    state = (
+        params,
+        sgd(0.1, 0.9).init(params),
+        gradvac().init(n_losses, dtype=DTYPE, device=DEVICE),
+    )
     batch = ((spec.inputs(BATCH),), (_targets(),))
 
     explanation = torch._dynamo.explain(step)(*state, batch)
@@ -315,7 +319,7 @@ class Tied(nn.Module):
 def test_unsupported_modules_are_type_errors(
     build_model: Callable[[], nn.Module], match: str
 ) -> None:
-    model = build_model().to(DTYPE)
+    model = build_model().to(DEVICE, DTYPE)
     step = gramian_step(model, iwrm, upgrad(), sgd(0.1))
     params = params_of(model)
     with pytest.raises(TypeError, match=match):
@@ -328,7 +332,7 @@ def test_unsupported_modules_are_type_errors(
 
 
 def test_frozen_unsupported_module_is_fine() -> None:
-    model = Normalised().to(DTYPE)
+    model = Normalised().to(DEVICE, DTYPE)
     model.norm.requires_grad_(False)
     x, y = _floats(5)(BATCH), _targets()
     _, gramian, _ = value_and_per_sample_gramian(model, params_of(model), (x,), iwrm, (y,))
@@ -381,7 +385,7 @@ def test_batch_coupling_is_a_value_error() -> None:
     model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, M_OUT))
     with pytest.raises(ValueError, match=r"'1' \(BatchNorm1d\) mixes the samples"):
         value_and_per_sample_gramian(
-            model.to(DTYPE), params_of(model), (_floats(5)(BATCH),), iwrm, (_targets(),)
+            model.to(DEVICE, DTYPE), params_of(model), (_floats(5)(BATCH),), iwrm, (_targets(),)
         )
     model.eval()  # running statistics: per sample
     x, y = _floats(5)(BATCH), _targets()

@@ -115,6 +115,30 @@ def params_of(module: nn.Module, *, trainable_only: bool = True) -> Params:
     return from_leaves(named, batch_size=[])
 
 
+def _check_devices(
+    module: nn.Module,
+    replacements: dict[str, Tensor],
+    own: dict[str, tuple[str, Tensor]],
+    args: tuple[Any, ...],
+) -> None:
+    """Raises a ValueError if the module's own tensors or the inputs are not on the device of
+    ``params``. Zero-dim tensors are exempt, as in torch's own device checks."""
+    device = next(iter(replacements.values())).device
+    for name, (kind, tensor) in own.items():
+        if name not in replacements and tensor.ndim > 0 and tensor.device != device:
+            raise ValueError(
+                f"{type(module).__name__}'s {kind} {name!r} is on {tensor.device}, but `params` "
+                f"are on {device}. The module's own {kind}s (those not in `params`) are used as "
+                f"they are: move the module to that device first, `module.to({str(device)!r})`."
+            )
+    for i, arg in enumerate(args):
+        if isinstance(arg, Tensor) and arg.ndim > 0 and arg.device != device:
+            raise ValueError(
+                f"Input {i} of {type(module).__name__} is on {arg.device}, but `params` are on "
+                f"{device}: move the inputs (or the parameters) to one device."
+            )
+
+
 def call(
     module: nn.Module,
     params: TensorDictBase,
@@ -140,7 +164,9 @@ def call(
 
     Raises:
         TypeError: ``module`` is not an ``nn.Module`` or ``params`` is not a TensorDict.
-        ValueError: ``params`` or ``buffers`` names something the module does not have.
+        ValueError: ``params`` or ``buffers`` names something the module does not have, or a
+            positional input or a tensor of the module that ``params`` does not replace is on
+            another device than ``params``.
 
     Example:
         >>> import torch
@@ -158,12 +184,15 @@ def call(
         if not isinstance(buffers, TensorDictBase):
             raise TypeError(f"`buffers` must be a TensorDict, got {type(buffers).__name__}.")
         replacements.update({dotted(k): v for k, v in leaves(buffers).items()})
-    known = {name for name, _ in module.named_parameters(remove_duplicate=False)}
-    known |= {name for name, _ in module.named_buffers(remove_duplicate=False)}
-    unknown = sorted(set(replacements) - known)
+    own = {
+        **{name: ("buffer", t) for name, t in module.named_buffers(remove_duplicate=False)},
+        **{name: ("parameter", t) for name, t in module.named_parameters(remove_duplicate=False)},
+    }
+    unknown = sorted(set(replacements) - set(own))
     if unknown:
         raise ValueError(
             f"{type(module).__name__} has no parameter or buffer named {unknown}. The keys of "
             "`params` must mirror the module tree, as `params_of(module)` gives them."
         )
+    _check_devices(module, replacements, own, args)
     return functional_call(module, replacements, args, kwargs, tie_weights=True, strict=False)

@@ -149,6 +149,11 @@ def gradvac_weights(
             f"GradVac's targets have shape {list(targets.shape)} but the Gramian is for {m} "
             "losses: re-initialise the state."
         )
+    if targets.device != gramian.device:
+        raise ValueError(
+            f"GradVac's targets are on {targets.device} but the Gramian is on {gramian.device}: "
+            f"create the state on the Gramian's device, `init(m, device={str(gramian.device)!r})`."
+        )
     orders = permutations(key, m, gramian.device)
     weights, new_targets = _surgery(gramian, orders, targets.to(gramian.dtype), beta, eps)
     assert new_targets is not None

@@ -103,8 +103,8 @@ class MGDA(GramianWeightedAggregator):
     Example:
         >>> import torch
         >>> from torchjd_func.aggregation import MGDA
-        >>> MGDA()(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
-        tensor([0., 1., 1.])
+        >>> MGDA()(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        tensor([0.8000, 0.4000])
     """
 
     def __init__(self, epsilon: float = 0.001, max_iters: int = 100, reg_eps: float = 1e-8) -> None:

@@ -227,14 +227,7 @@ class Engine:
             raise ValueError("The Engine's modules have no trainable parameter any more.")
         n_rows = output.numel()
         rows = torch.eye(n_rows, dtype=output.dtype, device=output.device)
-        grads = torch.autograd.grad(
-            output,
-            params,
-            grad_outputs=rows.reshape(n_rows, *output.shape),
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=True,
-        )
+        grads = _grads_of_rows(output, params, rows.reshape(n_rows, *output.shape))
         # An unused parameter contributes zero: leave it out of the sum.
         leaves = {
             str(i): grad.reshape(*output.shape, *param.shape)
@@ -441,19 +434,48 @@ def _cotangents(
         rows = rows.unsqueeze(batch_dim + 1).expand(n_rows, *output.shape)
     # A tensor returned twice (one edge) gets its cotangent once: it already sums both uses.
     unique = _dedup_edges(reached)
-    grads = torch.autograd.grad(
-        output,
-        [r.edge for r in unique],
-        grad_outputs=rows,
-        retain_graph=True,
-        allow_unused=True,
-        is_grads_batched=True,
-    )
+    grads = _grads_of_rows(output, [r.edge for r in unique], rows)
     found: dict[Call, list[Tensor | None]] = {}
     for r, grad in zip(unique, grads, strict=True):
         if grad is not None:
             found.setdefault(r.call, [None] * len(r.call.slots))[r.slot] = grad
     return found
+
+
+def _grads_of_rows(
+    output: Tensor, inputs: Sequence[Any], rows: Tensor
+) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad`` of ``output`` for each cotangent row of ``rows`` ``[R, *shape]``.
+
+    The rows are batched (``is_grads_batched``); if an operation of the graph has no batching
+    rule (e.g. cuDNN's RNN backward on CUDA), one backward pass per row instead, same values.
+    """
+    try:
+        return torch.autograd.grad(
+            output,
+            inputs,
+            grad_outputs=rows,
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+    except RuntimeError as error:
+        if "Batching rule not implemented" not in str(error):
+            raise
+    per_row = [
+        torch.autograd.grad(output, inputs, grad_outputs=row, retain_graph=True, allow_unused=True)
+        for row in rows
+    ]
+    stacked: list[Tensor | None] = []
+    for column in zip(*per_row, strict=True):
+        known = next((g for g in column if g is not None), None)
+        if known is None:
+            stacked.append(None)
+        else:
+            stacked.append(
+                torch.stack([torch.zeros_like(known) if g is None else g for g in column])
+            )
+    return tuple(stacked)
 
 
 def _dedup_edges(reached: Sequence[Reached]) -> list[Reached]:

@@ -1,0 +1,134 @@
+"""Where the time of ``upgrad_weights`` goes on CUDA: a profile and variant timings.
+
+Run from the repository root on a machine with a GPU (``--device cpu`` for a smoke test)::
+
+    python -m benchmarks.probe_cuda_qp --sizes 32 128 --variants eager always+graphs
+
+Prints, for each ``m``, as it goes: the number of CUDA kernel launches and host synchronisations
+of one eager call (``torch.profiler``), the top operators by host time, and the median time
+(synchronised around each call, after the first calls) of ``upgrad_weights`` eagerly, compiled (``fullgraph=True``) in
+the default mode and with ``mode="reduce-overhead"`` (CUDA graphs), and of the fixed-trip
+variant of the solver (``fallback="always"``) compiled with CUDA graphs.
+"""
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from torchjd_func._qp import dual_cone_projection, normalize_regularize, solve_box_qp
+
+
+def _gramians(m: int, count: int, device: torch.device) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(m)
+    out = []
+    for _ in range(count):
+        j = torch.randn(m, 2 * m, generator=gen, dtype=torch.float64)
+        out.append((j @ j.T).to(device=device, dtype=torch.float32))
+    return out
+
+
+def _fixed_trip(gramian: Tensor) -> Tensor:
+    """UPGrad weights through ``solve_box_qp(fallback="always")``: no data-dependent branch."""
+    g = normalize_regularize(gramian.to(torch.float64))
+    m = g.shape[-1]
+    u = torch.eye(m, dtype=g.dtype, device=g.device) / m
+    y = solve_box_qp(g, u @ g, fallback="always")
+    return (u + y).sum(dim=-2).to(gramian.dtype)
+
+
+def _upgrad(gramian: Tensor) -> Tensor:
+    m = gramian.shape[-1]
+    u = torch.eye(m, dtype=gramian.dtype, device=gramian.device) / m
+    return dual_cone_projection(u, gramian).sum(dim=-2)
+
+
+VARIANTS: dict[str, tuple[Callable[[Tensor], Tensor], str | None]] = {
+    "eager": (_upgrad, None),
+    "compiled": (_upgrad, "default"),
+    "compiled+graphs": (_upgrad, "reduce-overhead"),
+    "always+graphs": (_fixed_trip, "reduce-overhead"),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn: Callable[[Tensor], Tensor], gramians: Sequence[Tensor], repeats: int) -> float:
+    device = gramians[0].device
+    times = []
+    for i in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn(gramians[i % len(gramians)])
+        _sync(device)
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def _profile(fn: Callable[[Tensor], Tensor], gramian: Tensor) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn(gramian)
+    _sync(gramian.device)
+    activities = [ProfilerActivity.CPU]
+    if gramian.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        fn(gramian)
+        _sync(gramian.device)
+    events = prof.key_averages()
+    counts = {e.key: e.count for e in events}
+    launches = sum(c for k, c in counts.items() if "LaunchKernel" in k or "cuLaunch" in k)
+    syncs = sum(c for k, c in counts.items() if "Synchronize" in k)
+    scalars = counts.get("aten::_local_scalar_dense", 0)
+    table = events.table(sort_by="self_cpu_time_total", row_limit=15)
+    return f"launches {launches}, syncs {syncs}, item() {scalars}\n{table}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="to time"
+    )
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--device", default="cuda", help="cpu for a smoke test")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    # Printed as it goes: a run cut off by a time limit still shows what it measured.
+    print(f"torch {torch.__version__}, {name}", flush=True)
+    for m in args.sizes:
+        gramians = _gramians(m, 8, device)
+        if not args.no_profile:
+            print(f"--- eager profile, m = {m}: " + _profile(_upgrad, gramians[0]), flush=True)
+        reference = _upgrad(gramians[0].double())
+        for name in args.variants:
+            fn, mode = VARIANTS[name]
+            start = time.perf_counter()
+            try:
+                if mode is not None:
+                    torch._dynamo.reset()
+                    fn = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+                    for gramian in gramians[:4]:
+                        fn(gramian)
+                    _sync(device)
+                first_s = time.perf_counter() - start
+                error = (fn(gramians[0]).double() - reference).abs().max().item()
+                ms = _median_ms(fn, gramians, args.repeats)
+                line = f"{ms:8.3f} ms  max abs error {error:.0e}  compile+warm-up {first_s:.1f} s"
+            except Exception as exc:
+                line = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+            print(f"m = {m:4d}  {name:<16} {line}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
