@@ -133,6 +133,10 @@ class Cell:
     parts_ms: dict[str, float | str] | None = None
 
 
+NOT_RUN = Cell(skipped="not run")
+"""A step left out with ``--methods``."""
+
+
 # ----------------------------------------------------------------------------------------------
 # The steps
 
@@ -597,7 +601,7 @@ def report(
         "|---|---|---|---|---|---|---|",
     ]
     for config in configs:
-        row = {m: results[config.name, m] for m in METHODS}
+        row = {m: results.get((config.name, m), NOT_RUN) for m in METHODS}
         base = row["sgd"] if row["sgd"].median_ms else None
         cells = [_time_cell(row[m], base, repeats) for m in METHODS]
         lines.append(
@@ -611,7 +615,7 @@ def report(
         "|---|---|---|---|---|---|",
     ]
     for config in configs:
-        row = {m: results[config.name, m] for m in METHODS}
+        row = {m: results.get((config.name, m), NOT_RUN) for m in METHODS}
         mems = [
             f"{c.peak_mib:.1f}" if c.peak_mib is not None else ("-" if c.skipped else "n/a")
             for c in row.values()
@@ -651,6 +655,13 @@ def _parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help=f"{', '.join(QUICK)}, 5 repeats, --in-process"
     )
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        help="steps to measure (default: all); the others show as 'not run'",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed steps (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (≥ 1)")
     parser.add_argument(
@@ -694,11 +705,11 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     names = args.configs or (QUICK if args.quick else list(CONFIGS))
     configs = [CONFIGS[name] for name in names]
-    methods = (*METHODS, *(() if args.no_parts else ("jd-parts",)))
+    methods = (*args.methods, *(() if args.no_parts else ("jd-parts",)))
     # TorchJD last: once numpy has run in a process, torch's small LAPACK calls were measured
     # slower on a 2-core machine (see bench_qp.py), which would bias our columns in-process.
     cells = [(c, m) for m in methods if m != "torchjd" for c in configs]
-    cells += [(c, "torchjd") for c in configs]
+    cells += [(c, "torchjd") for c in configs if "torchjd" in methods]
     load_before = os.getloadavg()
     start = time.perf_counter()
     if args.in_process:

@@ -83,3 +83,14 @@ def test_quick_run_reports_every_step(tmp_path: Path) -> None:
             assert cells[0] == "n/a"
             timed = cells[1:]
         assert all(math.isfinite(float(cell)) and float(cell) > 0 for cell in timed)
+
+
+def test_methods_option_runs_only_the_chosen_steps() -> None:
+    bench_steps = _load_script()
+    options = ["--repeats", "2", "--warmup", "1", "--no-parts", "--methods", "sgd", "jd-eager"]
+    text: str = bench_steps.main(["--quick", "--configs", "mtl-m2", *options])
+    _, sgd_ms, eager, compiled, reference, _ = _table(text, "config | losses")["mtl-m2"]
+    _milliseconds(sgd_ms)
+    assert _milliseconds(eager) > 0
+    assert compiled == reference == "not run"
+    assert "Parts of our eager step" not in text
