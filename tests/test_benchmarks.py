@@ -94,3 +94,14 @@ def test_methods_option_runs_only_the_chosen_steps() -> None:
     assert _milliseconds(eager) > 0
     assert compiled == reference == "not run"
     assert "Parts of our eager step" not in text
+
+
+def test_count_ops_counts_dispatched_operators() -> None:
+    import torch
+
+    from benchmarks.count_ops import count, count_by_operator
+
+    x = torch.ones(3)
+    # x + 1, then .sum(), then a view: three operators, whatever the device.
+    assert count(lambda: (x + 1).sum().view(1)) == 3
+    assert count_by_operator(lambda: x * x * x) == {"mul": 2}
