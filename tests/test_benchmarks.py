@@ -12,7 +12,7 @@ CONFIGS = ["mtl-m2", "iwrm-b32"]
 
 
 def _load_script() -> ModuleType:
-    # Loaded from its path: `benchmarks` is a directory of scripts, not a package.
+    # Loaded from its path, as a fresh module each time (its module-level state stays per test).
     spec = importlib.util.spec_from_file_location("bench_steps", SCRIPT)
     assert spec is not None
     assert spec.loader is not None
