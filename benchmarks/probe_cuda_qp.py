@@ -3,6 +3,7 @@
 Run from the repository root on a machine with a GPU (``--device cpu`` for a smoke test)::
 
     python -m benchmarks.probe_cuda_qp --sizes 32 128 --variants eager always+graphs
+    python -m benchmarks.probe_cuda_qp --sizes 8 --enumerate-max-cuda 6   # PDAS instead at m = 8
 
 Prints, for each ``m``, as it goes: the number of CUDA kernel launches and host synchronisations
 of one eager call (``torch.profiler``), the top operators by host time, and the median time
@@ -19,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from torchjd_func import _qp
 from torchjd_func._qp import dual_cone_projection, normalize_regularize, solve_box_qp
 
 
@@ -101,7 +103,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--device", default="cuda", help="cpu for a smoke test")
+    parser.add_argument(
+        "--enumerate-max-cuda",
+        type=int,
+        default=None,
+        help="override the largest m solved by enumeration on CUDA (e.g. 6 to time PDAS at m = 8)",
+    )
+    parser.add_argument(
+        "--jacobi-sweeps", type=int, default=None, help="override PDAS's warm start"
+    )
     args = parser.parse_args(argv)
+    if args.enumerate_max_cuda is not None:
+        _qp._ENUMERATE_MAX_CUDA = args.enumerate_max_cuda
+    if args.jacobi_sweeps is not None:
+        _qp._JACOBI_SWEEPS = args.jacobi_sweeps
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     # Printed as it goes: a run cut off by a time limit still shows what it measured.

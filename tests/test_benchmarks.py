@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_steps.py"
 CONFIGS = ["mtl-m2", "iwrm-b32"]
 
@@ -105,3 +107,14 @@ def test_count_ops_counts_dispatched_operators() -> None:
     # x + 1, then .sum(), then a view: three operators, whatever the device.
     assert count(lambda: (x + 1).sum().view(1)) == 3
     assert count_by_operator(lambda: x * x * x) == {"mul": 2}
+
+
+def test_probe_cuda_qp_smoke_run_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.probe_cuda_qp import main
+
+    main(["--device", "cpu", "--sizes", "3", "--repeats", "2", "--variants", "eager"])
+    row = capsys.readouterr().out.splitlines()[-1]
+    match = re.fullmatch(r"m =\s+3  eager\s+([0-9.]+) ms  max abs error (\S+)  .*", row)
+    assert match is not None, row
+    assert float(match.group(1)) > 0
+    assert float(match.group(2)) < 1e-5  # float32 weights against the float64 reference

@@ -8,15 +8,20 @@ on two rows).
 
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 import torch._dynamo.testing
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.settings import DEVICE, DTYPE
 from tests.utils import reference_gramian
 from torchjd_func._qp import (
+    _ENUMERATE_MAX,
+    _ENUMERATE_MAX_CUDA,
+    _enumerate_all,
     _inverse,
     _padded_pair,
     _reduced_solve,
@@ -409,6 +414,55 @@ def test_small_m_paths_match_enumeration(m: int) -> None:
         assert natural_residual(gi, ci, yi).max() <= 1e-9
 
 
+@pytest.mark.parametrize("m", [7, 8])
+def test_enumeration_used_on_cuda_matches_reference(m: int) -> None:
+    """On CUDA devices the enumeration serves up to m = 8 (``_ENUMERATE_MAX_CUDA``); checked here
+    on any device by calling it directly, on random LCPs with ill-conditioned G."""
+    assert _ENUMERATE_MAX_CUDA >= m > _ENUMERATE_MAX
+    g, _ = hard_lcps(m=m, b=6, seed=m)
+    c = torch.randn(6, 2, m, generator=torch.Generator().manual_seed(5), dtype=F64)
+    y = _enumerate_all(g.to(DEVICE), c.to(DEVICE)).cpu()
+    for gi, ci, yi in zip(g, c, y, strict=True):
+        expected = torch.stack([enumerate_lcp(gi, row) for row in ci])
+        torch.testing.assert_close(yi, expected, rtol=1e-9, atol=1e-12)
+
+
+class _NoHostSync(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Raises on the operators behind ``.item()``, ``bool(tensor)`` and ``if tensor:``."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+            raise AssertionError(f"host synchronisation: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_small_m_reads_nothing_on_the_host() -> None:
+    limit = _ENUMERATE_MAX_CUDA if DEVICE.type == "cuda" else _ENUMERATE_MAX
+    for m in (2, 3, limit):
+        g = gramians(m, seed=m, scales=[1.0])[0].to(DEVICE, DTYPE)
+        with _NoHostSync():
+            upgrad_weights(g)
+    g = gramians(limit + 1, seed=1, scales=[1.0])[0].to(DEVICE, DTYPE)
+    with pytest.raises(AssertionError, match="host synchronisation"), _NoHostSync():
+        upgrad_weights(g)  # PDAS reads whether it has converged
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA's synchronisation debug mode")
+def test_small_m_does_not_synchronise_cuda() -> None:
+    g = gramians(_ENUMERATE_MAX_CUDA, seed=2, scales=[1.0])[0].to(DEVICE, DTYPE)
+    upgrad_weights(g)  # lazy initialisations first
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        upgrad_weights(g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_inputs_give_nan_only_where_they_are(bad: float) -> None:
     g = gramians(3, seed=5)[:3].to(DEVICE, DTYPE)
@@ -429,7 +483,8 @@ def test_non_finite_inputs_give_nan_only_where_they_are(bad: float) -> None:
 # Transforms: vmap, compile, autograd
 
 
-# m = 4 takes the enumeration of the active sets, m = 9 the active-set method (PDAS).
+# m = 4 takes the enumeration of the active sets, m = 9 the active-set method (PDAS) on any
+# device (enumeration up to m = 6 on CPUs, m = 8 on CUDA devices).
 SOLVER_PATHS = [4, 9]
 
 

@@ -51,7 +51,13 @@ _CHUNK_BYTES = 256 * 2**20
 """Largest batch of gathered float64 systems factored at once by the PDAS steps."""
 _ENUMERATE_MAX = 6
 """Up to this m, every active set is tried (2^m candidates; measured faster than PDAS eagerly on
-CPU up to m = 8)."""
+CPU up to m = 7, and compiled up to m = 6; at m = 8 the 2^m systems start to cost more flops
+than PDAS saves)."""
+_ENUMERATE_MAX_CUDA = 8
+"""The same bound on CUDA devices, where the 256 systems of m = 8 are a few small batched kernels
+and, unlike PDAS, the enumeration never synchronises with the host (PDAS reads one boolean per
+iteration, and its compiled loop and fallback run on the host). Chosen from operator counts and
+the absence of host synchronisation, not from GPU timings (none yet for m = 7, 8)."""
 _JACOBI_SWEEPS = 20
 _JACOBI_DAMPING = 0.67
 """Their step, relative to ``1 / diag(G)`` (0.5, 0.67 and 0.8 did about equally well on the test
@@ -633,7 +639,8 @@ def solve_box_qp(
     stops as soon as every problem has converged: eagerly it reads one boolean per iteration (and
     then also skips the converged problems), under :func:`torch.compile` it is a
     ``while_loop``; with ``"always"`` or under :func:`torch.vmap` it runs ``pdas_iters`` steps.
-    The values are the same either way. (For ``m ≤ 6``, every active set is tried instead, and
+    The values are the same either way. (For ``m ≤ 6``, ``m ≤ 8`` on CUDA devices, every active
+    set is tried instead, and
     the candidate with the smallest residual is kept: exact, and a fixed handful of operations;
     for ``m ≤ 2`` in closed form.) Then the fallback, ``ipm_iters`` interior-point iterations followed by
     ``polish_iters`` PDAS steps, replaces the unconverged rows where it does better. With
@@ -711,7 +718,7 @@ def solve_box_qp(
     with torch.no_grad():
         # Detached operands: torch.cond inspects autograd metadata of what it is given.
         g_search, c_search = g64.detach(), c64.detach()
-    if m <= _ENUMERATE_MAX:
+    if m <= (_ENUMERATE_MAX_CUDA if g_search.device.type == "cuda" else _ENUMERATE_MAX):
         with torch.no_grad():
             small = _enumerate_small if m <= 2 else _enumerate_all
             y = small(g_search, c_search)
