@@ -8,16 +8,14 @@ on two rows).
 
 import itertools
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
 import torch._dynamo.testing
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.settings import DEVICE, DTYPE
-from tests.utils import reference_gramian
+from tests.utils import NoHostSync, reference_gramian
 from torchjd_func._qp import (
     _ENUMERATE_MAX,
     _ENUMERATE_MAX_CUDA,
@@ -427,28 +425,14 @@ def test_enumeration_used_on_cuda_matches_reference(m: int) -> None:
         torch.testing.assert_close(yi, expected, rtol=1e-9, atol=1e-12)
 
 
-class _NoHostSync(TorchDispatchMode):  # type: ignore[no-untyped-call]
-    """Raises on the operators behind ``.item()``, ``bool(tensor)`` and ``if tensor:``."""
-
-    def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-
-    def __torch_dispatch__(
-        self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
-            raise AssertionError(f"host synchronisation: {func}")
-        return func(*args, **(kwargs or {}))
-
-
 def test_small_m_reads_nothing_on_the_host() -> None:
     limit = _ENUMERATE_MAX_CUDA if DEVICE.type == "cuda" else _ENUMERATE_MAX
     for m in (2, 3, limit):
         g = gramians(m, seed=m, scales=[1.0])[0].to(DEVICE, DTYPE)
-        with _NoHostSync():
+        with NoHostSync():
             upgrad_weights(g)
     g = gramians(limit + 1, seed=1, scales=[1.0])[0].to(DEVICE, DTYPE)
-    with pytest.raises(AssertionError, match="host synchronisation"), _NoHostSync():
+    with pytest.raises(AssertionError, match="host synchronisation"), NoHostSync():
         upgrad_weights(g)  # PDAS reads whether it has converged
 
 

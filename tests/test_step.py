@@ -12,7 +12,7 @@ from torch._dynamo.testing import CompileCounter
 
 from tests.architectures import reference_jacobian
 from tests.settings import DEVICE
-from tests.utils import assert_close, dotted_leaves
+from tests.utils import NoHostSync, assert_close, dotted_leaves
 from torchjd_func import accumulate_grads, call, params_of, value_and_jacobian
 from torchjd_func.aggregation import PureWeighting, aggregate, gradvac, upgrad, upgrad_weights
 from torchjd_func.optim import adam, sgd
@@ -230,3 +230,48 @@ def test_step_errors() -> None:
     step = mtl_step(trunk_fn, heads_fn, upgrad(), sgd(0.1))
     with pytest.raises(ValueError, match="shared"):
         step(params_of(MODEL), None, upgrad().init(3), _mtl_batch())
+
+
+def _control_flow_in_graph(case: Case) -> set[str]:
+    """The higher-order control-flow operators in the step's dynamo graph."""
+    found: set[str] = set()
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+        for node in gm.graph.nodes:
+            name = getattr(node.target, "__name__", "")
+            if node.op == "call_function" and name in ("cond", "while_loop"):
+                found.add(name)
+        return gm.forward
+
+    step = case.build(upgrad())
+    params = case.params()
+    state = (
+        params,
+        step_optimizer_state(case, params),
+        upgrad().init(case.n_losses, device=DEVICE),
+    )
+    torch.compile(step, fullgraph=True, backend=backend)(*state, case.batch())
+    return found
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=str)
+def test_steps_with_few_losses_have_no_host_sync_nor_control_flow(case: Case) -> None:
+    """With m ≤ 6 losses (m ≤ 8 on CUDA) UPGrad's weights come from the enumeration of the active
+    sets: the step reads nothing on the host and its graph has no ``cond`` or ``while_loop``, as
+    CUDA graphs (``mode="reduce-overhead"``) need. Checked with m = 3."""
+    step = case.build(upgrad())
+    params = case.params()
+    state = (
+        params,
+        step_optimizer_state(case, params),
+        upgrad().init(case.n_losses, device=DEVICE),
+    )
+    step(*state, case.batch())  # lazy initialisations first
+    with NoHostSync():
+        step(*state, case.batch())
+    assert _control_flow_in_graph(case) == set()
+
+
+def test_steps_with_many_losses_have_control_flow() -> None:
+    """The converse, so that the check above can fail: 24 losses take PDAS and its fallback."""
+    assert _control_flow_in_graph(CASES[3]) == {"cond", "while_loop"}

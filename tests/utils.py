@@ -1,8 +1,11 @@
 """Helpers shared by the tests."""
 
+from typing import Any
+
 import torch
 from tensordict import TensorDictBase
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-9, 1e-11)}
 """(rtol, atol) by dtype."""
@@ -61,3 +64,17 @@ def token_ids(vocabulary: int, batch: int, length: int, device: torch.device | s
     ids[2, 1] = ids[2, 0]
     ids[3, 1] = 0
     return ids
+
+
+class NoHostSync(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Raises on the operators behind ``.item()``, ``bool(tensor)`` and ``if tensor:``."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+            raise AssertionError(f"host synchronisation: {func}")
+        return func(*args, **(kwargs or {}))
