@@ -187,12 +187,19 @@ class _Functional:
         return out.metrics["weights"]
 
 
+def compile_with(fn: Callable[..., Any], backend: str) -> Callable[..., Any]:
+    """``torch.compile(fn, fullgraph=True)`` with ``backend``, or ``"BACKEND:MODE"`` (e.g.
+    ``"inductor:reduce-overhead"`` for CUDA graphs)."""
+    name, _, mode = backend.partition(":")
+    return torch.compile(fn, fullgraph=True, backend=name, mode=mode or None)
+
+
 def _jd(
     step: StepFn, params: TensorDict, config: Config, batch: Any, method: str, backend: str
 ) -> Step:
     if method == "jd-compiled":
         torch._dynamo.reset()
-        step = torch.compile(step, fullgraph=True, backend=backend)
+        step = compile_with(step, backend)
     return _Functional(step, params, config.n_losses, batch)
 
 
@@ -375,7 +382,7 @@ def _weights(config: Config, method: str, device: torch.device, backend: str) ->
         weighting: Callable[[Tensor], Tensor] = UPGradWeighting()
     elif method == "jd-compiled":
         torch._dynamo.reset()
-        weighting = torch.compile(upgrad_weights, fullgraph=True, backend=backend)
+        weighting = compile_with(upgrad_weights, backend)
     else:
         weighting = upgrad_weights
     calls = iter(range(sys.maxsize))
@@ -671,7 +678,11 @@ def _parser() -> argparse.ArgumentParser:
         "--max-gib", type=float, default=4.0, help="skip our UPGrad when its solves need more"
     )
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per subprocess")
-    parser.add_argument("--backend", default="inductor", help="torch.compile backend")
+    parser.add_argument(
+        "--backend",
+        default="inductor",
+        help='torch.compile backend, or "BACKEND:MODE", e.g. "inductor:reduce-overhead"',
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (also in subprocesses)"
     )

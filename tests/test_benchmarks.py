@@ -118,3 +118,22 @@ def test_probe_cuda_qp_smoke_run_on_cpu(capsys: pytest.CaptureFixture[str]) -> N
     assert match is not None, row
     assert float(match.group(1)) > 0
     assert float(match.group(2)) < 1e-5  # float32 weights against the float64 reference
+
+
+def test_backend_with_mode_reaches_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    bench_steps = _load_script()
+    seen: list[dict[str, object]] = []
+
+    def fake_compile(fn: object, **kwargs: object) -> object:
+        seen.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    bench_steps.compile_with(abs, "inductor:reduce-overhead")
+    bench_steps.compile_with(abs, "eager")
+    assert seen == [
+        {"fullgraph": True, "backend": "inductor", "mode": "reduce-overhead"},
+        {"fullgraph": True, "backend": "eager", "mode": None},
+    ]
