@@ -90,8 +90,20 @@ def test_module_tensors_and_inputs_on_another_device() -> None:
         call(frozen, params, X)
     with pytest.raises(ValueError, match="Input 0 of Linear is on meta"):
         call(MODEL, params_of(MODEL), X.to("meta"))
-    # Zero-dim tensors may live on another device, as in torch itself.
+    # Zero-dim tensors may live on another device, as in torch itself, and so may integer inputs
+    # (pack_padded_sequence wants its lengths on the CPU).
     assert call(MODEL, params_of(MODEL), X * torch.tensor(2.0)).shape == (4, 2)
+    lengths_elsewhere = torch.tensor([3, 2], device="meta")
+    assert call(WithLengths(), params_of(WithLengths()), X, lengths_elsewhere).shape == (4, 2)
+
+
+class WithLengths(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        return self.linear(x) + 0 * lengths.shape[0]
 
 
 @pytest.mark.parametrize("chunk_size", [0, -1, 1.5, True])

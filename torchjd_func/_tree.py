@@ -121,8 +121,9 @@ def _check_devices(
     own: dict[str, tuple[str, Tensor]],
     args: tuple[Any, ...],
 ) -> None:
-    """Raises a ValueError if the module's own tensors or the inputs are not on the device of
-    ``params``. Zero-dim tensors are exempt, as in torch's own device checks."""
+    """Raises a ValueError if the module's own tensors or its floating-point inputs are not on
+    the device of ``params``. Zero-dim tensors are exempt, as in torch's own device checks, and so
+    are integer inputs (e.g. the sequence lengths that ``pack_padded_sequence`` wants on the CPU)."""
     device = next(iter(replacements.values())).device
     for name, (kind, tensor) in own.items():
         if name not in replacements and tensor.ndim > 0 and tensor.device != device:
@@ -132,7 +133,12 @@ def _check_devices(
                 f"they are: move the module to that device first, `module.to({str(device)!r})`."
             )
     for i, arg in enumerate(args):
-        if isinstance(arg, Tensor) and arg.ndim > 0 and arg.device != device:
+        if (
+            isinstance(arg, Tensor)
+            and arg.is_floating_point()
+            and arg.ndim > 0
+            and arg.device != device
+        ):
             raise ValueError(
                 f"Input {i} of {type(module).__name__} is on {arg.device}, but `params` are on "
                 f"{device}: move the inputs (or the parameters) to one device."
@@ -165,8 +171,8 @@ def call(
     Raises:
         TypeError: ``module`` is not an ``nn.Module`` or ``params`` is not a TensorDict.
         ValueError: ``params`` or ``buffers`` names something the module does not have, or a
-            positional input or a tensor of the module that ``params`` does not replace is on
-            another device than ``params``.
+            floating-point positional input or a tensor of the module that ``params`` does not
+            replace is on another device than ``params``.
 
     Example:
         >>> import torch
