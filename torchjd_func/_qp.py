@@ -641,9 +641,8 @@ def solve_box_qp(
     then also skips the converged problems), under :func:`torch.compile` it is a
     ``while_loop``; with ``"always"`` or under :func:`torch.vmap` it runs ``pdas_iters`` steps.
     The values are the same either way. (For ``m ≤ 6``, ``m ≤ 8`` on CUDA devices, every active
-    set is tried instead, and
-    the candidate with the smallest residual is kept: exact, and a fixed handful of operations;
-    for ``m ≤ 2`` in closed form.) Then the fallback, ``ipm_iters`` interior-point iterations followed by
+    set is tried instead, and the candidate with the smallest residual is kept: exact, a fixed
+    handful of operations, no host synchronisation; for ``m ≤ 2`` in closed form.) Then the fallback, ``ipm_iters`` interior-point iterations followed by
     ``polish_iters`` PDAS steps, replaces the unconverged rows where it does better. With
     ``fallback="cond"`` it runs (for the whole batch) only if some problem has not converged,
     under :func:`torch.cond`, which reads that one boolean on the host; with ``"always"`` it always
