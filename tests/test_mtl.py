@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from tests.architectures import reference_jacobian
 from tests.settings import DEVICE
-from tests.utils import assert_close, assert_leaves_close
+from tests.utils import assert_close, assert_leaves_close, dotted_leaves
 from torchjd_func import call, mtl_jacobian, params_of
 
 N_TASKS = 3
@@ -151,3 +151,58 @@ def test_heads_without_params() -> None:
 
     assert_leaves_close(out.jacobian, expected)
     assert len(list(out.head_grads.keys())) == 0
+
+
+def test_per_task_functions_equal_one_function_and_autograd() -> None:
+    """A sequence of per-task functions gives the same losses, Jacobian and head gradients as one
+    function returning all the losses, and as autograd. Task 1 shares task 0's head and adds its
+    own; task 2 ignores the features."""
+    torch.manual_seed(0)
+    dtype = torch.float64
+    trunk = nn.Sequential(nn.Linear(5, 6), nn.Tanh()).to(DEVICE, dtype)
+    shared_head, head_1 = nn.Linear(6, 1).to(DEVICE, dtype), nn.Linear(6, 1).to(DEVICE, dtype)
+    scale = nn.Linear(1, 1).to(DEVICE, dtype)
+    x = torch.randn(7, 5, device=DEVICE, dtype=dtype)
+    y = torch.randn(7, device=DEVICE, dtype=dtype)
+
+    def task_0(params: TensorDict, f: Tensor, y: Tensor) -> Tensor:
+        return (call(shared_head, params["shared"], f).squeeze(1) - y).pow(2).mean()
+
+    def task_1(params: TensorDict, f: Tensor, y: Tensor) -> Tensor:
+        both = call(shared_head, params["shared"], f) + call(head_1, params["one"], f)
+        return both.abs().mean()
+
+    def task_2(params: TensorDict, f: Tensor, y: Tensor) -> Tensor:
+        return call(scale, params["scale"], y[:1, None]).pow(2).sum()
+
+    def all_tasks(params: TensorDict, f: Tensor, y: Tensor) -> Tensor:
+        return torch.stack([task(params, f, y) for task in (task_0, task_1, task_2)])
+
+    heads = TensorDict(
+        {"shared": params_of(shared_head), "one": params_of(head_1), "scale": params_of(scale)}
+    )
+    args = (lambda p, x: call(trunk, p, x), params_of(trunk), heads, (x,), (y,))
+    per_task = mtl_jacobian(args[0], [task_0, task_1, task_2], *args[1:])
+    together = mtl_jacobian(args[0], all_tasks, *args[1:])
+
+    features = trunk(x)
+    losses = torch.stack(
+        [
+            (shared_head(features).squeeze(1) - y).pow(2).mean(),
+            (shared_head(features) + head_1(features)).abs().mean(),
+            scale(y[:1, None]).pow(2).sum(),
+        ]
+    )
+    assert_close(per_task.losses, losses)
+    assert_leaves_close(per_task.jacobian[:2], reference_jacobian(trunk, losses[:2]))
+    assert_leaves_close(per_task.jacobian, dotted_leaves(together.jacobian))
+    expected_heads = torch.autograd.grad(
+        losses.sum(), [*shared_head.parameters(), *head_1.parameters(), *scale.parameters()]
+    )
+    got = [
+        per_task.head_grads[k, n] for k in ("shared", "one", "scale") for n in ("weight", "bias")
+    ]
+    for actual, expected in zip(got, expected_heads, strict=True):
+        assert_close(actual, expected)
+    assert_leaves_close(per_task.head_grads, dotted_leaves(together.head_grads))
+    assert (per_task.jacobian[2] == 0).all()  # task 2 does not go through the trunk
