@@ -7,8 +7,9 @@
 #   setup   install the wheels carried in .whl/ (tensordict, TorchJD and their dependencies;
 #           the machine has torch but cannot reach PyPI) into /tmp/site
 #   tests   the whole suite on CUDA, 15 workers (about 3 min)
-#   solver  benchmarks/probe_cuda_qp.py at m = 8, 32, 128, and PDAS instead of the enumeration at
-#           m = 8 (about 5 min: each compiled variant compiles for 15-60 s)
+#   solver  benchmarks/probe_cuda_qp.py at m = 8, 32, 128; PDAS instead of the enumeration at
+#           m = 8; compiled PDAS unrolled instead of a while_loop (about 8 min: each compiled
+#           variant compiles for 15-60 s)
 #   steps   compiled steps only, with a long timeout (compiling took 55-100+ s per step)
 #   graphs  compiled MTL steps with CUDA graphs (mode="reduce-overhead")
 #
@@ -42,6 +43,8 @@ for stage in "$@"; do
             | grep -v Warning | tee "$out/solver.log"
         timeout 100 python3 -m benchmarks.probe_cuda_qp --sizes 8 --variants eager compiled \
             --enumerate-max-cuda 6 --no-profile 2>&1 | grep -v Warning | tee "$out/solver_pdas8.log"
+        timeout 150 python3 -m benchmarks.probe_cuda_qp --sizes 32 128 --variants compiled \
+            --compiled-unroll --no-profile 2>&1 | grep -v Warning | tee "$out/solver_unroll.log"
         ;;
     steps)
         timeout 560 python3 -m benchmarks.bench_steps --device cuda \

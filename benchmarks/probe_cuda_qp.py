@@ -112,11 +112,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--jacobi-sweeps", type=int, default=None, help="override PDAS's warm start"
     )
+    parser.add_argument(
+        "--compiled-unroll",
+        action="store_true",
+        help="compiled PDAS: unrolled steps instead of a while_loop (no host read per step)",
+    )
     args = parser.parse_args(argv)
     if args.enumerate_max_cuda is not None:
         _qp._ENUMERATE_MAX_CUDA = args.enumerate_max_cuda
     if args.jacobi_sweeps is not None:
         _qp._JACOBI_SWEEPS = args.jacobi_sweeps
+    if args.compiled_unroll:
+        _qp._COMPILED_LOOP = "unroll"
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     # Printed as it goes: a run cut off by a time limit still shows what it measured.

@@ -8,12 +8,14 @@ on two rows).
 
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 import torch._dynamo.testing
 from torch import Tensor, nn
 
+import torchjd_func._qp
 from tests.settings import DEVICE, DTYPE
 from tests.utils import NoHostSync, reference_gramian
 from torchjd_func._qp import (
@@ -508,6 +510,26 @@ def test_compile_fullgraph_without_recompile(fn: Callable[[Tensor], Tensor], m: 
     for x in (g[0], g[1]):
         torch.testing.assert_close(compiled(x), fn(x), rtol=1e-6, atol=1e-7)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("loop", ["while_loop", "unroll"])
+def test_compiled_pdas_loop_knob(monkeypatch: pytest.MonkeyPatch, loop: str) -> None:
+    """``_COMPILED_LOOP`` picks a ``while_loop`` or unrolled steps under compile: same values."""
+    monkeypatch.setattr(torchjd_func._qp, "_COMPILED_LOOP", loop)
+    torch._dynamo.reset()
+    found: set[str] = set()
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+        found.update(str(getattr(n.target, "__name__", "")) for n in gm.graph.nodes)
+        return gm.forward
+
+    compiled = torch.compile(upgrad_weights, fullgraph=True, backend=backend)
+    g = gramians(9, seed=10, scales=[1.0]).to(DEVICE, DTYPE)
+    for x in (g[0], g[1]):
+        torch.testing.assert_close(compiled(x), upgrad_weights(x), rtol=1e-6, atol=1e-7)
+    assert ("while_loop" in found) == (loop == "while_loop")
+    assert "cond" in found
+    torch._dynamo.reset()
 
 
 def test_compile_dynamic_shapes() -> None:

@@ -63,6 +63,10 @@ _JACOBI_DAMPING = 0.67
 """Their step, relative to ``1 / diag(G)`` (0.5, 0.67 and 0.8 did about equally well on the test
 families; 0.67 measured 10-20% faster than 0.5 at m = 128)."""
 """Damped projected Jacobi sweeps that choose PDAS's starting point (:func:`_jacobi_start`)."""
+_COMPILED_LOOP: Literal["while_loop", "unroll"] = "while_loop"
+"""How PDAS loops under torch.compile: a ``while_loop`` that stops once every problem has
+converged (its predicate is read on the host at each iteration), or ``pdas_iters`` unrolled steps
+(no host read, more work). A knob for measurements on GPUs (``benchmarks/probe_cuda_qp.py``)."""
 _COMPACT_ELEMENTS = 2**16
 """Eagerly, PDAS steps gather only the unconverged problems when all the systems together hold at
 least this many elements (e.g. k = m ≥ 64)."""
@@ -369,9 +373,10 @@ def _pdas(
     """
     step = partial(_pdas_step, gramian, c, solve, rtol)
     carry: tuple[Tensor, ...] = (y, w, best_y, best_res)
-    if loop != "early_exit":
-        carry = _repeat(step, carry, iters, unroll=loop == "unroll")
-    elif torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if loop != "early_exit" or (compiling and _COMPILED_LOOP == "unroll"):
+        carry = _repeat(step, carry, iters, unroll=loop != "scan")
+    elif compiling:
 
         def unfinished(count: Tensor, *state: Tensor) -> Tensor:
             return (count < iters) & (state[3] > rtol).any()
