@@ -3,15 +3,21 @@
 #
 #   bash benchmarks/gpu_lease.sh STAGE [STAGE ...]
 #
+# Three calls fit a 30-minute lease (each call at most 10 minutes, issued as soon as the previous
+# one returns, while the machine is still warm):
+#   1. setup tests graphs   2. setup steps   3. setup solver        (solver2 if time is left)
+#
 # Stages (minutes measured or expected on an H100 machine with 16 cores):
 #   setup   install the wheels carried in .whl/ (tensordict, TorchJD and their dependencies;
 #           the machine has torch but cannot reach PyPI) into /tmp/site
 #   tests   the whole suite on CUDA, 15 workers (about 3 min)
-#   solver  benchmarks/probe_cuda_qp.py at m = 8, 32, 128; PDAS instead of the enumeration at
-#           m = 8; compiled PDAS unrolled instead of a while_loop (about 8 min: each compiled
-#           variant compiles for 15-60 s)
-#   steps   compiled steps only, with a long timeout (compiling took 55-100+ s per step)
-#   graphs  compiled MTL steps with CUDA graphs (mode="reduce-overhead")
+#   solver  benchmarks/probe_cuda_qp.py's five variants at m = 8 and 128, the CUDA-graph ones
+#           included (up to 8 min: each compiled variant compiles for 15-60 s)
+#   solver2 PDAS instead of the enumeration at m = 8; compiled PDAS unrolled instead of a
+#           while_loop at m = 32 and 128, with the eager profile (kernel launches, syncs)
+#   steps   compiled steps only, with a long timeout (compiling took 55-100+ s per step; at most
+#           9.5 min)
+#   graphs  compiled MTL steps with CUDA graphs (mode="reduce-overhead"; at most 5 min)
 #
 # Everything is printed as it goes and also written under $OUT (default: gpu-out/), so that a run
 # cut off by its time limit still returns what it measured. Wheels for the machine's Python 3.12:
@@ -39,12 +45,14 @@ for stage in "$@"; do
             -p no:benchmark --timeout 200 -rfE 2>&1 | tee "$out/tests_cuda.log" | tail -40
         ;;
     solver)
-        timeout 400 python3 -m benchmarks.probe_cuda_qp --sizes 8 32 128 --no-profile 2>&1 \
+        timeout 500 python3 -m benchmarks.probe_cuda_qp --sizes 8 128 --no-profile 2>&1 \
             | grep -v Warning | tee "$out/solver.log"
-        timeout 100 python3 -m benchmarks.probe_cuda_qp --sizes 8 --variants eager compiled \
+        ;;
+    solver2)
+        timeout 150 python3 -m benchmarks.probe_cuda_qp --sizes 8 --variants eager compiled \
             --enumerate-max-cuda 6 --no-profile 2>&1 | grep -v Warning | tee "$out/solver_pdas8.log"
-        timeout 150 python3 -m benchmarks.probe_cuda_qp --sizes 32 128 --variants compiled \
-            --compiled-unroll --no-profile 2>&1 | grep -v Warning | tee "$out/solver_unroll.log"
+        timeout 300 python3 -m benchmarks.probe_cuda_qp --sizes 32 128 --variants compiled \
+            --compiled-unroll 2>&1 | grep -v Warning | tee "$out/solver_unroll.log"
         ;;
     steps)
         timeout 560 python3 -m benchmarks.bench_steps --device cuda \
@@ -53,8 +61,8 @@ for stage in "$@"; do
             --out "$out/steps.md" 2>&1 | grep -v Warning | tee "$out/steps.log"
         ;;
     graphs)
-        timeout 560 python3 -m benchmarks.bench_steps --device cuda --configs mtl-m2 mtl-m8 \
-            --methods sgd jd-compiled --no-parts --repeats 20 --budget 4 --timeout 250 \
+        timeout 300 python3 -m benchmarks.bench_steps --device cuda --configs mtl-m2 mtl-m8 \
+            --methods sgd jd-compiled --no-parts --repeats 20 --budget 4 --timeout 140 \
             --backend inductor:reduce-overhead --out "$out/graphs.md" 2>&1 \
             | grep -v Warning | tee "$out/graphs.log"
         ;;

@@ -8,14 +8,17 @@ Run from the repository root on a machine with a GPU (``--device cpu`` for a smo
 Prints, for each ``m``, as it goes: the number of CUDA kernel launches and host synchronisations
 of one eager call (``torch.profiler``), the top operators by host time, and the median time
 (synchronised around each call, after the first calls) of ``upgrad_weights`` eagerly, compiled (``fullgraph=True``) in
-the default mode and with ``mode="reduce-overhead"`` (CUDA graphs), and of the fixed-trip
-variant of the solver (``fallback="always"``) compiled with CUDA graphs.
+the default mode and with ``mode="reduce-overhead"`` (CUDA graphs), of the fixed-trip
+variant of the solver (``fallback="always"``) compiled with CUDA graphs, and of the unrolled PDAS
+loop under the ``cudagraphs`` backend (CUDA graph trees without inductor, where ``torch.cond``
+can become a conditional node of the graph).
 """
 
 import argparse
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -48,11 +51,23 @@ def _upgrad(gramian: Tensor) -> Tensor:
     return dual_cone_projection(u, gramian).sum(dim=-2)
 
 
-VARIANTS: dict[str, tuple[Callable[[Tensor], Tensor], str | None]] = {
-    "eager": (_upgrad, None),
-    "compiled": (_upgrad, "default"),
-    "compiled+graphs": (_upgrad, "reduce-overhead"),
-    "always+graphs": (_fixed_trip, "reduce-overhead"),
+class Variant(NamedTuple):
+    fn: Callable[[Tensor], Tensor]
+    backend: str | None
+    """None: eager; else torch.compile's backend."""
+    mode: str | None = None
+    loop: str | None = None
+    """``_qp._COMPILED_LOOP`` while compiling and timing (None: unchanged)."""
+
+
+VARIANTS: dict[str, Variant] = {
+    "eager": Variant(_upgrad, None),
+    "compiled": Variant(_upgrad, "inductor"),
+    "compiled+graphs": Variant(_upgrad, "inductor", "reduce-overhead"),
+    "always+graphs": Variant(_fixed_trip, "inductor", "reduce-overhead"),
+    # CUDA graph trees without inductor: torch.cond as a conditional node (torch >= 2.11?), the
+    # PDAS loop unrolled. Last: a failed capture can break later ones in the same process.
+    "unroll+cudagraphs": Variant(_upgrad, "cudagraphs", None, "unroll"),
 }
 
 
@@ -134,12 +149,22 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"--- eager profile, m = {m}: " + _profile(_upgrad, gramians[0]), flush=True)
         reference = _upgrad(gramians[0].double())
         for name in args.variants:
-            fn, mode = VARIANTS[name]
+            variant = VARIANTS[name]
+            loop = _qp._COMPILED_LOOP
+            if variant.loop is not None:
+                _qp._COMPILED_LOOP = variant.loop  # type: ignore[assignment]
             start = time.perf_counter()
             try:
-                if mode is not None:
+                fn = variant.fn
+                if variant.backend is not None:
                     torch._dynamo.reset()
-                    fn = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+                    fn = torch.compile(
+                        fn,
+                        fullgraph=True,
+                        dynamic=False,
+                        backend=variant.backend,
+                        mode=variant.mode,
+                    )
                     for gramian in gramians[:4]:
                         fn(gramian)
                     _sync(device)
@@ -149,7 +174,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 line = f"{ms:8.3f} ms  max abs error {error:.0e}  compile+warm-up {first_s:.1f} s"
             except Exception as exc:
                 line = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
-            print(f"m = {m:4d}  {name:<16} {line}", flush=True)
+            finally:
+                _qp._COMPILED_LOOP = loop
+            print(f"m = {m:4d}  {name:<18} {line}", flush=True)
 
 
 if __name__ == "__main__":
