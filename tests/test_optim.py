@@ -1,6 +1,7 @@
 """Functional optimizers against ``torch.optim``."""
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -67,3 +68,32 @@ def test_errors() -> None:
     params = TensorDict({"a": torch.ones(2)})
     with pytest.raises(ValueError, match="same keys"):
         optimizer.update(TensorDict({"b": torch.ones(2)}), optimizer.init(params), params)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_update_is_a_few_foreach_operations_in_any_key_order(nesterov: bool) -> None:
+    """One ``torch._foreach_*`` operation per step of the rule, whatever the number of leaves (one
+    kernel launch each on CUDA), and grads are matched to params by key, not by position."""
+    from benchmarks.count_ops import count
+
+    def params_and_grads(n: int) -> tuple[TensorDict, TensorDict]:
+        params = TensorDict({f"p{i}": torch.full((3,), float(i), device=DEVICE) for i in range(n)})
+        grads = TensorDict(
+            {f"p{i}": torch.full((3,), 1.0 + i, device=DEVICE) for i in reversed(range(n))}
+        )
+        return params, grads
+
+    optimizer = sgd(0.1, momentum=0.9, weight_decay=0.01, nesterov=nesterov)
+    counts = []
+    for n in (2, 20):
+        params, grads = params_and_grads(n)
+        state = optimizer.init(params)
+        counts.append(count(partial(optimizer.update, grads, state, params)))
+        new_params, _ = optimizer.update(grads, state, params)
+        for i in range(n):  # first step: b = g + λp, p ← p − η(g + λp)(1 + μ if nesterov)
+            g = (1.0 + i) + 0.01 * i
+            expected = i - 0.1 * g * (1 + 0.9 * nesterov)
+            torch.testing.assert_close(
+                new_params[f"p{i}"], torch.full((3,), expected, device=DEVICE)
+            )
+    assert counts[0] == counts[1]
