@@ -223,20 +223,35 @@ def adam(
         grads: TensorDictBase, state: AdamState, params: TensorDictBase
     ) -> tuple[TensorDict, AdamState]:
         _check_same_keys(grads, params)
-        decayed = _map(lambda g, p: g + weight_decay * p, grads, params) if weight_decay else grads
+        decayed = grads
+        if weight_decay:
+            decayed = _map_lists(
+                lambda g, p: torch._foreach_add(g, p, alpha=weight_decay), grads, params
+            )
         count = state.steps + 1
-        mu = _map(lambda m, g: beta1 * m + (1 - beta1) * g, state.mu, decayed)
-        nu = _map(lambda v, g: beta2 * v + (1 - beta2) * g * g, state.nu, decayed)
+        # The moments with foreach operations (Python-float coefficients); the bias corrections
+        # are 0-d tensors (the step count is a tensor), applied leaf by leaf.
+        mu = _map_lists(
+            lambda m, g: torch._foreach_add(torch._foreach_mul(m, beta1), g, alpha=1 - beta1),
+            state.mu,
+            decayed,
+        )
+        nu = _map_lists(
+            lambda v, g: torch._foreach_addcmul(
+                torch._foreach_mul(v, beta2), g, g, value=1 - beta2
+            ),
+            state.nu,
+            decayed,
+        )
+        roots = _map_lists(torch._foreach_sqrt, nu)
         step = count.to(torch.float64)
         step_size = lr / (1 - beta1**step)
         root_correction = (1 - beta2**step).sqrt()
         new_params = _map(
-            lambda p, m, v: (
-                p - step_size.to(p.dtype) * m / (v.sqrt() / root_correction.to(p.dtype) + eps)
-            ),
+            lambda p, m, r: p - step_size.to(p.dtype) * m / (r / root_correction.to(p.dtype) + eps),
             params,
             mu,
-            nu,
+            roots,
         )
         return new_params, AdamState(count, mu, nu)
 
