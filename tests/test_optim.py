@@ -68,6 +68,10 @@ def test_errors() -> None:
     params = TensorDict({"a": torch.ones(2)})
     with pytest.raises(ValueError, match="same keys"):
         optimizer.update(TensorDict({"b": torch.ones(2)}), optimizer.init(params), params)
+    for bad in (torch.ones(3), torch.ones(2, device="meta")):
+        for opt in (sgd(0.1, momentum=0.9), adam()):
+            with pytest.raises(ValueError, match=r"gradient of 'a' has shape \[\d\] on"):
+                opt.update(TensorDict({"a": bad}), opt.init(params), params)
 
 
 @pytest.mark.parametrize("nesterov", [False, True])

@@ -14,7 +14,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
-from torchjd_func._tree import from_leaves, leaves
+from torchjd_func._tree import dotted, from_leaves, leaves
 
 __all__ = ["AdamState", "Optimizer", "SGDState", "adam", "sgd"]
 
@@ -64,6 +64,15 @@ def _check_same_keys(grads: TensorDictBase, params: TensorDictBase) -> None:
             f"{sorted(map(str, grad_keys - param_keys))}, only in params: "
             f"{sorted(map(str, param_keys - grad_keys))}."
         )
+    grad_leaves = leaves(grads)
+    for key, param in leaves(params).items():
+        grad = grad_leaves[key]
+        if grad.shape != param.shape or grad.device != param.device:
+            raise ValueError(
+                f"The gradient of {dotted(key)!r} has shape {list(grad.shape)} on "
+                f"{grad.device}, but the parameter has shape {list(param.shape)} on {param.device}: "
+                "give gradients shaped and placed like the parameters."
+            )
 
 
 def _map(fn: Callable[..., Tensor], first: TensorDictBase, *others: TensorDictBase) -> TensorDict:
