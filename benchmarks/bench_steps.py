@@ -10,7 +10,8 @@ For each configuration (model, batch, number of losses) four steps are measured 
 
 * ``sgd``: the baseline, ``loss.sum()`` (MTL) or ``losses.mean()`` (IWRM, IWMTL) backward, then
   ``torch.optim.SGD.step()``;
-* ``jd-eager`` and ``jd-compiled``: our step (``mtl_step`` for MTL, ``gramian_step`` for IWRM and
+* ``jd-eager`` and ``jd-compiled``: our step (``mtl_step`` for MTL, or ``mtl_gramian_step`` with
+  ``--mtl-step gramian``; ``gramian_step`` for IWRM and
   IWMTL, with ``upgrad()`` and the functional ``sgd``), eagerly and under
   ``torch.compile(fullgraph=True)``;
   the compile time (first call) is reported on its own and excluded from the step time;
@@ -68,7 +69,7 @@ from torchjd_func._jacobian import mtl_jacobian
 from torchjd_func._probes import value_and_per_sample_gramian
 from torchjd_func.aggregation import upgrad, upgrad_weights
 from torchjd_func.optim import sgd
-from torchjd_func.step import StepFn, gramian_step, mtl_step
+from torchjd_func.step import StepFn, gramian_step, mtl_gramian_step, mtl_step
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDTH = 256
@@ -132,6 +133,9 @@ class Cell:
     skipped: str | None = None
     parts_ms: dict[str, float | str] | None = None
 
+
+MTL_STEP = ["jacobian"]
+"""Our MTL step: ``mtl_step`` ("jacobian") or ``mtl_gramian_step`` ("gramian"), ``--mtl-step``."""
 
 NOT_RUN = Cell(skipped="not run")
 """A step left out with ``--methods``."""
@@ -259,7 +263,10 @@ def _mtl(config: Config, method: str, device: torch.device, backend: str) -> Ste
 
         return torchjd_step
     params = TensorDict({"shared": params_of(trunk), "heads": params_of(heads)}).clone()
-    step = mtl_step(_trunk_fn(trunk), _heads_fn(heads), upgrad(), sgd(LR))
+    if MTL_STEP[0] == "gramian":
+        step = mtl_gramian_step(trunk, _heads_fn(heads), upgrad(), sgd(LR))
+    else:
+        step = mtl_step(_trunk_fn(trunk), _heads_fn(heads), upgrad(), sgd(LR))
     return _jd(step, params, config, ((x,), (y,)), method, backend)
 
 
@@ -528,7 +535,8 @@ def run_cells(
 def _run_child(config: Config, method: str, args: argparse.Namespace) -> Cell:
     """Measures one cell in a fresh Python process."""
     command = [sys.executable, "-m", "benchmarks.bench_steps", "--child", config.name, method]
-    for option in ("device", "repeats", "warmup", "budget", "max_gib", "backend", "threads"):
+    options = ("device", "repeats", "warmup", "budget", "max_gib", "backend", "threads", "mtl_step")
+    for option in options:
         if getattr(args, option) is not None:
             command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     if not args.memory:
@@ -663,6 +671,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None)
     parser.add_argument(
+        "--mtl-step",
+        choices=["jacobian", "gramian"],
+        default="jacobian",
+        help="our MTL step: mtl_step (task Jacobian) or mtl_gramian_step (closed-form Gramian)",
+    )
+    parser.add_argument(
         "--methods",
         nargs="+",
         choices=METHODS,
@@ -699,6 +713,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> str:
     """Runs the benchmark and returns (and prints) its markdown report."""
     args = _parser().parse_args(argv)
+    MTL_STEP[0] = args.mtl_step
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.repeats is None:
@@ -740,7 +755,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         f"median of {args.repeats} steps after the first call and {args.warmup} untimed, "
         f"{'in one process' if args.in_process else 'one subprocess per cell'}, "
         f"memory {'measured' if args.memory else 'not measured'}, compile backend "
-        f"{args.backend}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
+        f"{args.backend}, MTL step {args.mtl_step}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
         f"{time.perf_counter() - start:.0f} s"
     )
     text = report(configs, results, torch.device(args.device), header, args.repeats)

@@ -38,12 +38,23 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 
 from torchjd_func._jacobian import VjpFn, _check_output
-from torchjd_func._tree import call, check_params, dotted, from_leaves
+from torchjd_func._tree import call, check_params, dotted, from_leaves, leaves
 from torchjd_func._types import LeafKey
 from torchjd_func.autogram._engine import _batch_incompatibility
-from torchjd_func.autogram._fast import _kind, _Operands, layer_gramian, layer_operands
+from torchjd_func.autogram._fast import (
+    _kind,
+    _Operands,
+    layer_gramian,
+    layer_operands,
+    task_gramian,
+)
 
-__all__ = ["PerSampleGramian", "value_and_per_sample_gramian"]
+__all__ = [
+    "MTLGramian",
+    "PerSampleGramian",
+    "value_and_mtl_gramian",
+    "value_and_per_sample_gramian",
+]
 
 _PROBE = "torchjd_func.probe"
 """The key of the probe hook in a layer's hooks dict (never an int, the keys of other hooks)."""
@@ -67,6 +78,19 @@ class PerSampleGramian(NamedTuple):
     """``combine(weights)``: ``Jᵀw`` for weights shaped like the losses, params-shaped."""
 
 
+class MTLGramian(NamedTuple):
+    """What :func:`value_and_mtl_gramian` returns."""
+
+    losses: Tensor
+    """The task losses ``[m]``."""
+    gramian: Tensor
+    """``[m, m]``: the Gramian of the task gradients w.r.t. the shared (trunk) parameters."""
+    combine: Callable[[Tensor], TensorDict]
+    """``combine(weights [m])``: ``Jᵀw`` w.r.t. the shared parameters, params-shaped."""
+    head_grads: TensorDict
+    """The gradient of ``Σ losses`` w.r.t. the head parameters."""
+
+
 @dataclass(frozen=True)
 class _Layer:
     """A layer holding trainable parameters of ``params``, and which of them."""
@@ -86,10 +110,19 @@ def _module_name(path: str, module: nn.Module) -> str:
     return f"{where} ({type(module).__name__})"
 
 
-def _layers(model: nn.Module, names: Sequence[str]) -> list[_Layer]:
-    """The layers owning the parameters ``names``, each checked to have a closed form."""
+def _layers(
+    model: nn.Module,
+    names: Sequence[str],
+    *,
+    per_sample: bool = True,
+    step: str = "gramian_step",
+    fallback: str = "per_sample_step",
+) -> list[_Layer]:
+    """The layers owning the parameters ``names``, each checked to have a closed form.
+    ``per_sample``: also reject the modules that couple the samples. ``step`` and ``fallback``
+    name, in the errors, the step that needs the closed forms and the one that does not."""
     for path, module in model.named_modules():
-        reason = _batch_incompatibility(module)
+        reason = _batch_incompatibility(module) if per_sample else None
         if reason is not None:
             raise ValueError(
                 f"Per-sample Gramians need the loss of each sample to depend on that sample only, "
@@ -111,15 +144,15 @@ def _layers(model: nn.Module, names: Sequence[str]) -> list[_Layer]:
             shared = ", ".join(_module_name(path, module) for path, module, _ in places)
             raise TypeError(
                 f"The trainable parameter {name!r} is shared by {shared}: tied weights have no "
-                "per-layer closed-form Gramian. Use `per_sample_step`, which handles any model."
+                f"per-layer closed-form Gramian. Use `{fallback}`, which handles any model."
             )
         path, module, attr = places[0]
         kind = _kind(module)
         if kind is None or attr not in ("weight", "bias"):
             raise TypeError(
                 f"The trainable parameter {name!r} belongs to "
-                f"{_module_name(path, module)}, which has no closed-form per-sample Gramian: "
-                f"`gramian_step` supports {_SUPPORTED}. Use `per_sample_step`, which handles any "
+                f"{_module_name(path, module)}, which has no closed-form Gramian: "
+                f"`{step}` supports {_SUPPORTED}. Use `{fallback}`, which handles any "
                 "model, or leave this parameter out of `params` to freeze it."
             )
         layer = found.get(path, _Layer(path, module, kind, False, False))
@@ -179,6 +212,64 @@ def _discover(
     return plan
 
 
+def _probe_hooks(
+    plan: Sequence[_Plan],
+    layers: Sequence[_Layer],
+    probes: Sequence[Tensor],
+    recorded: list[Tensor],
+    fallback: str,
+) -> Callable[[int], Hook]:
+    """Hooks that record each layer call's input in ``recorded`` and add its probe to the
+    output, checking that the calls come in the order of ``plan``."""
+
+    def hook_of(i: int) -> Hook:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+            n = len(recorded)
+            if n >= len(plan) or plan[n].layer != i:
+                raise RuntimeError(
+                    "The model called its layers in a different order in two forward passes "
+                    "over the same inputs (control flow depending on randomness?)."
+                )
+            if len(args) != 1 or not isinstance(args[0], Tensor):
+                raise TypeError(
+                    f"{layers[i]} must be called with exactly one positional tensor input "
+                    f"to have a closed-form Gramian. Use `{fallback}`."
+                )
+            recorded.append(args[0])
+            return output + probes[n]
+
+        return hook
+
+    return hook_of
+
+
+def _layer_parts(
+    layers: Sequence[_Layer],
+    plan: Sequence[_Plan],
+    recorded: Sequence[Tensor],
+    cotangents: Sequence[Tensor],
+    batch: int | None,
+    fallback: str,
+) -> list[list[_Operands]]:
+    """Each layer's calls as closed-form operands (inputs and cotangents ``[R, ...]``)."""
+    parts: list[list[_Operands]] = [[] for _ in layers]
+    for step, x, d in zip(plan, recorded, cotangents, strict=True):
+        layer = layers[step.layer]
+        if x.ndim == 0 or (batch is not None and x.shape[0] != batch):
+            raise ValueError(
+                f"The input of {layer} has shape {list(x.shape)}: it is not batched on dim 0 "
+                f"(batch size {batch}). Use `{fallback}`."
+            )
+        operands = layer_operands(layer.kind, layer.module, x, d)
+        if operands is None:
+            raise TypeError(
+                f"A call of {layer} has no closed-form Gramian (an unbatched input, or input, "
+                f"output and weight of different dtypes or devices). Use `{fallback}`."
+            )
+        parts[step.layer].append(operands)
+    return parts
+
+
 def _check_losses(losses: Tensor, batch: int) -> None:
     if losses.ndim not in (1, 2) or losses.shape[0] != batch:
         raise ValueError(
@@ -194,7 +285,8 @@ def _weighted_gradients(
 ) -> dict[str, Tensor]:
     """``Σ_{r,b} w_rb ∇ loss_rb`` w.r.t. the layer's trainable parameters, by name, in closed
     form from its calls' operands (inputs ``[B, T, in]`` or ids ``[B, T]``, cotangents
-    ``[R, B, T, out]``) and the weights ``[R, B]``."""
+    ``[R, B, T, out]``) and the weights ``[R, B]``, or ``[R]`` for losses reduced over the batch
+    (MTL: ``Σ_r w_r ∇ loss_r``)."""
     module = layer.module
     prefix = f"{layer.path}." if layer.path else ""
     weight = cast(Tensor, module.weight)
@@ -203,7 +295,10 @@ def _weighted_gradients(
     grad_bias = torch.zeros_like(bias) if layer.bias and isinstance(bias, Tensor) else None
     for part in parts:
         # Σ_r w_rb d_rbt: the cotangent of the weighted sum of the losses, [B, T, out].
-        weighted = torch.einsum("rbto,rb->bto", part.cotangents, weights)
+        per_row = (
+            weights[:, None].expand(-1, part.cotangents.shape[1]) if weights.ndim == 1 else weights
+        )
+        weighted = torch.einsum("rbto,rb->bto", part.cotangents, per_row)
         if grad_weight is not None:
             if part.kind == "embedding":
                 rows = weighted.reshape(-1, weighted.shape[-1])
@@ -271,25 +366,7 @@ def value_and_per_sample_gramian(
         leaf_tensors: tuple[Tensor, ...], probes: tuple[Tensor, ...]
     ) -> tuple[Tensor, list[Tensor]]:
         recorded: list[Tensor] = []
-
-        def hook_of(i: int) -> Hook:
-            def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-                n = len(recorded)
-                if n >= len(plan) or plan[n].layer != i:
-                    raise RuntimeError(
-                        "The model called its layers in a different order in two forward passes "
-                        "over the same inputs (control flow depending on randomness?)."
-                    )
-                if len(args) != 1 or not isinstance(args[0], Tensor):
-                    raise TypeError(
-                        f"{layers[i]} must be called with exactly one positional tensor input "
-                        "to have a closed-form Gramian. Use `per_sample_step`."
-                    )
-                recorded.append(args[0])
-                return output + probes[n]
-
-            return hook
-
+        hook_of = _probe_hooks(plan, layers, probes, recorded, "per_sample_step")
         tensors = from_leaves(dict(zip(keys, leaf_tensors, strict=True)), [])
         outputs = _run(model, tensors, inputs, layers, hook_of)
         losses = _check_output(losses_fn(outputs, *targets), "`losses_fn`")
@@ -314,21 +391,7 @@ def value_and_per_sample_gramian(
         per_task = vmap(lambda row: vjp_fn(row)[0])(rows)
         cotangents = cast("tuple[Tensor, ...]", per_task)  # each [R, *output.shape]
 
-    parts: list[list[_Operands]] = [[] for _ in layers]
-    for step, x, d in zip(plan, recorded, cotangents, strict=True):
-        layer = layers[step.layer]
-        if x.ndim == 0 or x.shape[0] != batch:
-            raise ValueError(
-                f"The input of {layer} has shape {list(x.shape)}: it is not batched on dim 0 "
-                f"(batch size {batch}). Use `per_sample_step`."
-            )
-        operands = layer_operands(layer.kind, layer.module, x, d)
-        if operands is None:
-            raise TypeError(
-                f"A call of {layer} has no closed-form Gramian (an unbatched input, or input, "
-                "output and weight of different dtypes or devices). Use `per_sample_step`."
-            )
-        parts[step.layer].append(operands)
+    parts = _layer_parts(layers, plan, recorded, cotangents, batch, "per_sample_step")
     n_rows = losses.numel()
     total = losses.new_zeros(n_rows, n_rows)
     for layer, layer_parts in zip(layers, parts, strict=True):
@@ -354,3 +417,117 @@ def value_and_per_sample_gramian(
         return from_leaves(leaves, [])
 
     return PerSampleGramian(losses, total, combine)
+
+
+def value_and_mtl_gramian(
+    trunk: nn.Module,
+    shared_params: TensorDictBase,
+    trunk_inputs: Sequence[Any],
+    heads_fn: Callable[..., Tensor],
+    head_params: TensorDictBase,
+    head_args: Sequence[Any] = (),
+) -> MTLGramian:
+    """Task losses, the Gramian of their trunk gradients from the layers' closed forms, and
+    ``w -> Jᵀw``: MTL without the per-task Jacobian of the trunk.
+
+    With ``features = call(trunk, shared_params, *trunk_inputs)`` and
+    ``losses = heads_fn(head_params, features, *head_args)`` of shape ``[m]``, each trunk layer's
+    part of task ``i``'s gradient is ``D_iᵀ A`` (``A`` the layer's inputs, ``D_i`` the cotangents
+    of ``losses[i]`` w.r.t. its outputs, over all the samples and positions). So the Gramian is
+    ``Σ_layers [⟨D_i, (A Aᵀ) D_j⟩]`` (plus the bias terms) or, where cheaper, the Gramian of the
+    materialised ``D_iᵀ A``: the autogram engine's closed forms with the batch folded in
+    (``layer_gramian(..., batched=False)``). The backward passes (``m`` of them, vmapped, through
+    the heads and the trunk) are taken w.r.t. probes on the layers' outputs and the head
+    parameters only: no per-task weight gradient of the trunk is formed unless the closed form
+    chooses to.
+
+    Every trainable parameter of ``shared_params`` must belong to a supported layer of the trunk
+    (as for :func:`value_and_per_sample_gramian`); unlike there, the samples may be coupled
+    (BatchNorm in training mode is fine): the task losses are already reduced over the batch.
+
+    Args:
+        trunk: The shared trunk; its supported layers get temporary forward hooks.
+        shared_params: Its trainable parameters, keyed as :func:`~torchjd_func.params_of` gives
+            them.
+        trunk_inputs: The trunk's positional inputs.
+        heads_fn: ``heads_fn(head_params, features, *head_args) -> losses [m]``.
+        head_params: The heads' parameters (a TensorDict, possibly empty).
+        head_args: Further arguments of ``heads_fn``.
+
+    Returns:
+        ``MTLGramian(losses, gramian, combine, head_grads)``.
+
+    Raises:
+        TypeError: a trainable parameter belongs to an unsupported module (or is shared by
+            several), or a layer call has no closed form.
+        ValueError: the losses are not a vector ``[m]``.
+    """
+    fallback = "mtl_step"
+    shared_leaves = check_params(shared_params, "shared_params")
+    keys: list[LeafKey] = list(shared_leaves)
+    if not isinstance(head_params, TensorDictBase):
+        raise TypeError(
+            f"`head_params` must be a TensorDict (possibly empty), got {type(head_params).__name__}."
+        )
+    head_leaves = leaves(head_params)
+    if head_leaves:
+        check_params(head_params, "head_params")
+    head_keys = list(head_leaves)
+    layers = _layers(
+        trunk,
+        [dotted(key) for key in keys],
+        per_sample=False,
+        step="mtl_gramian_step",
+        fallback=fallback,
+    )
+    plan = _discover(trunk, shared_params, trunk_inputs, layers)
+
+    def forward(probes: tuple[Tensor, ...], *head_tensors: Tensor) -> tuple[Tensor, list[Tensor]]:
+        recorded: list[Tensor] = []
+        hook_of = _probe_hooks(plan, layers, probes, recorded, fallback)
+        features = _run(trunk, shared_params, trunk_inputs, layers, hook_of)
+        heads = from_leaves(dict(zip(head_keys, head_tensors, strict=True)), [])
+        losses = _check_output(heads_fn(heads, features, *head_args), "`heads_fn`")
+        if losses.ndim != 1:
+            raise ValueError(
+                f"`heads_fn` must return the task losses as a vector [m], got shape "
+                f"{list(losses.shape)}."
+            )
+        return losses, recorded
+
+    probes = tuple(torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in plan)
+    losses, vjp_fn, recorded = cast(
+        "tuple[Tensor, VjpFn, list[Tensor]]",
+        vjp(forward, probes, *head_leaves.values(), has_aux=True),
+    )
+    n_tasks = losses.shape[0]
+    rows = torch.eye(n_tasks, dtype=losses.dtype, device=losses.device)
+    per_task = cast("tuple[Any, ...]", vmap(vjp_fn)(rows))  # ([m, *output] per probe, heads...)
+    cotangents: tuple[Tensor, ...] = per_task[0]
+    head_grads = from_leaves(
+        {key: rows_.sum(0) for key, rows_ in zip(head_keys, per_task[1:], strict=True)}, []
+    )
+    parts = _layer_parts(layers, plan, recorded, cotangents, None, fallback)
+    total = losses.new_zeros(n_tasks, n_tasks)
+    for layer, layer_parts in zip(layers, parts, strict=True):
+        if layer_parts:
+            total = total + task_gramian(layer_parts, layer.weight, layer.bias)
+
+    def combine(weights: Tensor) -> TensorDict:
+        if weights.shape != losses.shape:
+            raise ValueError(
+                f"Expected weights of the losses' shape {list(losses.shape)}, got "
+                f"{list(weights.shape)}."
+            )
+        grads: dict[str, Tensor] = {}
+        for layer, layer_parts in zip(layers, parts, strict=True):
+            grads.update(_weighted_gradients(layer, layer_parts, weights.to(losses.dtype)))
+        return from_leaves(
+            {
+                key: grads.get(dotted(key), torch.zeros_like(leaf))
+                for key, leaf in shared_leaves.items()
+            },
+            [],
+        )
+
+    return MTLGramian(losses, total, combine, head_grads)

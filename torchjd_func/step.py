@@ -40,11 +40,19 @@ from torch import Tensor, nn
 
 from torchjd_func._gramian import inner_products, reshape_weights
 from torchjd_func._jacobian import mtl_jacobian, value_and_jacobian, value_and_per_sample_jacobian
-from torchjd_func._probes import value_and_per_sample_gramian
+from torchjd_func._probes import value_and_mtl_gramian, value_and_per_sample_gramian
 from torchjd_func.aggregation import Aggregation, PureWeighting, aggregate
 from torchjd_func.optim import Optimizer
 
-__all__ = ["StepFn", "StepOutput", "gramian_step", "jd_step", "mtl_step", "per_sample_step"]
+__all__ = [
+    "StepFn",
+    "StepOutput",
+    "gramian_step",
+    "jd_step",
+    "mtl_gramian_step",
+    "mtl_step",
+    "per_sample_step",
+]
 
 
 class StepOutput(NamedTuple):
@@ -217,11 +225,7 @@ def mtl_step(
     def step(
         params: TensorDictBase, opt_state: Any, agg_state: Any, batch: Sequence[Any]
     ) -> StepOutput:
-        if set(params.keys()) != {"shared", "heads"}:
-            raise ValueError(
-                'An MTL step takes `params = TensorDict({"shared": ..., "heads": ...})`, got keys '
-                f"{sorted(params.keys())}."
-            )
+        _check_mtl_params(params)
         trunk_args, head_args = batch
         out = mtl_jacobian(
             trunk_fn,
@@ -236,6 +240,104 @@ def mtl_step(
         grads = TensorDict({"shared": aggregation.update, "heads": out.head_grads}, batch_size=[])
         metrics = _metrics(out.losses, aggregation, out.jacobian)
         return _finish(params, grads, opt_state, optimizer, aggregation.state, metrics)
+
+    return step
+
+
+def _check_mtl_params(params: TensorDictBase) -> None:
+    if set(params.keys()) != {"shared", "heads"}:
+        raise ValueError(
+            'An MTL step takes `params = TensorDict({"shared": ..., "heads": ...})`, got keys '
+            f"{sorted(params.keys())}."
+        )
+
+
+def mtl_gramian_step(
+    trunk: nn.Module,
+    heads_fn: Callable[..., Tensor],
+    weighting: PureWeighting,
+    optimizer: Optimizer,
+) -> StepFn:
+    """:func:`mtl_step` for a trunk module of closed-form layers, without the task Jacobian.
+
+    ``params`` is ``TensorDict({"shared": trunk params, "heads": head params})`` and ``batch`` is
+    ``(trunk_inputs, head_args)``: the features are ``call(trunk, params["shared"],
+    *trunk_inputs)`` and the losses ``heads_fn(params["heads"], features, *head_args)`` ``[m]``.
+    The Gramian of the task gradients w.r.t. the trunk comes from each trunk layer's inputs ``A``
+    and the cotangents ``D_i`` of each task at its outputs, ``⟨D_i, (A Aᵀ) D_j⟩`` (or the
+    materialised ``D_iᵀ A``, whichever is cheaper), and the trunk's update ``Jᵀw`` from
+    ``(Σ_i w_i D_i)ᵀ A``: the ``m`` vmapped backward passes compute the cotangents, not the
+    per-task weight gradients ``[m, *param.shape]`` that :func:`mtl_step` builds and multiplies.
+    The heads get the gradient of the sum of the losses, as in :func:`mtl_step`; the values are
+    the same (tested).
+
+    Every trainable parameter of the trunk must belong to a layer that is exactly an
+    ``nn.Linear``, an ``nn.Conv1d``/``nn.Conv2d`` with ``groups=1`` or an ``nn.Embedding``
+    (without ``max_norm``, ``scale_grad_by_freq`` or ``sparse``), not shared with another module
+    and called with one positional input; parameter-free modules and frozen layers may be
+    anything, including batch statistics (the losses are reduced over the batch). Anything else:
+    :func:`mtl_step`. The metrics are those of :func:`mtl_step`, ``"decrease"`` being ``G w``.
+
+    Args:
+        trunk: The shared trunk, called as ``call(trunk, params["shared"], *trunk_inputs)``.
+        heads_fn: ``heads_fn(head_params, features, *head_args) -> losses [m]``.
+        weighting: E.g. ``upgrad()``, initialised for ``m`` losses.
+        optimizer: E.g. ``sgd(0.1)``, initialised with the whole ``params``.
+
+    Returns:
+        ``step(params, opt_state, agg_state, (trunk_inputs, head_args)) -> StepOutput``.
+
+    Raises:
+        TypeError: (at the step) a trainable parameter of the trunk belongs to an unsupported
+            module.
+        ValueError: (at the step) bad ``params`` keys, or losses that are not a vector ``[m]``.
+
+    Example:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from torchjd_func import call, params_of
+        >>> from torchjd_func.aggregation import upgrad
+        >>> from torchjd_func.optim import sgd
+        >>> from torchjd_func.step import mtl_gramian_step
+        >>> trunk = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU())
+        >>> heads = torch.nn.ModuleList([torch.nn.Linear(8, 1), torch.nn.Linear(8, 1)])
+        >>> def heads_fn(params, features, y):  # two tasks
+        ...     outputs = [call(h, params[str(i)], features)[:, 0] for i, h in enumerate(heads)]
+        ...     return torch.stack([(o - y[:, i]).pow(2).mean() for i, o in enumerate(outputs)])
+        >>> weighting, optimizer = upgrad(), sgd(lr=0.1)
+        >>> step = mtl_gramian_step(trunk, heads_fn, weighting, optimizer)
+        >>> params = TensorDict({"shared": params_of(trunk), "heads": params_of(heads)})
+        >>> opt_state, agg_state = optimizer.init(params), weighting.init(2)
+        >>> x, y = torch.randn(16, 3), torch.randn(16, 2)
+        >>> out = step(params, opt_state, agg_state, ((x,), (y,)))
+        >>> out.metrics["weights"].shape
+        torch.Size([2])
+    """
+    _check(weighting, optimizer)
+    if not isinstance(trunk, nn.Module):
+        raise TypeError(f"`trunk` must be a torch.nn.Module, got {type(trunk).__name__}.")
+
+    def step(
+        params: TensorDictBase, opt_state: Any, agg_state: Any, batch: Sequence[Any]
+    ) -> StepOutput:
+        _check_mtl_params(params)
+        trunk_inputs, head_args = batch
+        losses, square, combine, head_grads = value_and_mtl_gramian(
+            trunk,
+            params["shared"],
+            tuple(trunk_inputs),
+            heads_fn,
+            params["heads"],
+            tuple(head_args),
+        )
+        weights, new_state = weighting.update(square, agg_state)
+        grads = TensorDict({"shared": combine(weights), "heads": head_grads}, batch_size=[])
+        metrics = {
+            "losses": losses,
+            "weights": weights,
+            "decrease": square @ weights.to(square.dtype),
+        }
+        return _finish(params, grads, opt_state, optimizer, new_state, metrics)
 
     return step
 

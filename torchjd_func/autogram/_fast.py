@@ -121,6 +121,50 @@ def layer_gramian(
     return total, way
 
 
+def task_gramian(parts: Sequence[_Operands], weight: bool, bias: bool) -> Tensor:
+    """The Gramian ``[R, R]`` of the ``R`` rows' gradients w.r.t. one layer's weight and/or bias
+    (at least one), for rows reduced over the batch (MTL task losses): summed over its calls.
+
+    With the samples and positions folded into ``N`` positions, row ``r``'s weight gradient is
+    ``D_rᵀ A`` (``D_r`` ``[N, out]``, ``A`` ``[N, in]``), so ``G_rs = ⟨D_r, K D_s⟩`` with
+    ``K = A Aᵀ`` (token equality for an embedding): ``N²·in + R·N²·out + R²·N·out``
+    multiply-adds, against ``R·N·in·out + R²·in·out`` for the materialised gradients; the cheaper
+    way is taken. The bias adds ``⟨Σ_t d_rt, Σ_t d_st⟩``.
+    """
+    inputs = torch.cat([p.inputs for p in parts], dim=1)
+    cots = torch.cat([p.cotangents for p in parts], dim=2)
+    n_rows, out = cots.shape[0], cots.shape[-1]
+    d = cots.reshape(n_rows, -1, out)  # [R, N, out]
+    n = d.shape[1]
+    total: Tensor | None = None
+    if weight:
+        kind, in_features = parts[0].kind, parts[0].in_features
+        embedding = kind == "embedding"
+        ghost = n * n * (0 if embedding else in_features) + n_rows * n * n * out
+        ghost += n_rows * n_rows * n * out
+        present = min(in_features, n) if embedding else in_features
+        materialise = n_rows * n * present * out + n_rows * n_rows * present * out
+        if ghost <= materialise:
+            if embedding:
+                ids = inputs.reshape(n)
+                inner = (ids[:, None] == ids[None, :]).to(d.dtype)
+            else:
+                flat = inputs.reshape(n, inputs.shape[-1])
+                inner = flat @ flat.T
+            total = torch.einsum("rto,sto->rs", d, torch.einsum("tu,suo->sto", inner, d))
+        else:
+            folded = _Operands(
+                kind, inputs.reshape(1, n, *inputs.shape[2:]), d[:, None], in_features
+            )
+            total = _materialise(folded).reshape(n_rows, n_rows)
+    if bias:
+        summed = d.sum(dim=1)
+        square = summed @ summed.T
+        total = square if total is None else total + square
+    assert total is not None  # `weight` or `bias`
+    return total
+
+
 def _kind(module: nn.Module) -> str | None:
     """Which closed form applies to ``module``, if it is exactly a supported layer."""
     if next(module.children(), None) is not None:
