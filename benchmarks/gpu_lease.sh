@@ -15,9 +15,10 @@
 #           included (up to 8 min: each compiled variant compiles for 15-60 s)
 #   solver2 PDAS instead of the enumeration at m = 8; compiled PDAS unrolled instead of a
 #           while_loop at m = 32 and 128, with the eager profile (kernel launches, syncs)
-#   steps   compiled steps only, with a long timeout (compiling took 55-100+ s per step; at most
-#           9.5 min)
-#   graphs  compiled MTL steps with CUDA graphs (mode="reduce-overhead"; at most 5 min)
+#   steps   compiled steps only (MTL: mtl_gramian_step), with a long timeout (compiling took
+#           55-100+ s per step; at most 9.5 min)
+#   graphs  compiled MTL steps (mtl_gramian_step) with CUDA graphs (mode="reduce-overhead"; at
+#           most 5 min)
 #
 # Everything is printed as it goes and also written under $OUT (default: gpu-out/), so that a run
 # cut off by its time limit still returns what it measured. Wheels for the machine's Python 3.12:
@@ -58,12 +59,12 @@ for stage in "$@"; do
         timeout 560 python3 -m benchmarks.bench_steps --device cuda \
             --configs mtl-m8 iwrm-b32 iwrm-b128 iwmtl-b32-m4 mtl-m32 \
             --methods sgd jd-compiled --no-parts --repeats 20 --budget 4 --timeout 200 \
-            --out "$out/steps.md" 2>&1 | grep -v Warning | tee "$out/steps.log"
+            --mtl-step gramian --out "$out/steps.md" 2>&1 | grep -v Warning | tee "$out/steps.log"
         ;;
     graphs)
         timeout 300 python3 -m benchmarks.bench_steps --device cuda --configs mtl-m2 mtl-m8 \
             --methods sgd jd-compiled --no-parts --repeats 20 --budget 4 --timeout 140 \
-            --backend inductor:reduce-overhead --out "$out/graphs.md" 2>&1 \
+            --backend inductor:reduce-overhead --mtl-step gramian --out "$out/graphs.md" 2>&1 \
             | grep -v Warning | tee "$out/graphs.log"
         ;;
     *)
