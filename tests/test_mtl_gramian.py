@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounter
 
 from tests.settings import DEVICE
-from tests.utils import assert_close, dotted_leaves
+from tests.utils import NoHostSync, assert_close, dotted_leaves
 from torchjd_func import call, combine, gramian, mtl_jacobian, params_of
 from torchjd_func._probes import value_and_mtl_gramian
 from torchjd_func.aggregation import upgrad
@@ -226,3 +226,15 @@ def test_task_gramian_both_ways_equal_materialised_gradients(
     expected = flat_grads @ flat_grads.T + bias @ bias.T
     assert_close(task_gramian([operands], weight=True, bias=True), expected)
     assert_close(task_gramian([operands], weight=False, bias=True), bias @ bias.T)
+
+
+def test_step_with_few_tasks_reads_nothing_on_the_host() -> None:
+    """As for ``mtl_step`` (tests/test_step.py): with m ≤ 6 tasks (8 on CUDA) and no embedding,
+    the step has no host synchronisation, as CUDA graphs need."""
+    trunk, inputs = _mlp()
+    trunk, heads = trunk.to(DEVICE, F64), _heads()
+    step = mtl_gramian_step(trunk, _heads_fn(heads), upgrad(), sgd(0.1, momentum=0.9))
+    state = _states(trunk, heads)
+    step(*state, ((inputs(),), (_targets(),)))  # lazy initialisations first
+    with NoHostSync():
+        step(*state, ((inputs(),), (_targets(),)))
