@@ -264,7 +264,7 @@ def _mtl(config: Config, method: str, device: torch.device, backend: str) -> Ste
         return torchjd_step
     params = TensorDict({"shared": params_of(trunk), "heads": params_of(heads)}).clone()
     if MTL_STEP[0] == "gramian":
-        step = mtl_gramian_step(trunk, _heads_fn(heads), upgrad(), sgd(LR))
+        step = mtl_gramian_step(trunk, _task_fns(heads), upgrad(), sgd(LR))
     else:
         step = mtl_step(_trunk_fn(trunk), _heads_fn(heads), upgrad(), sgd(LR))
     return _jd(step, params, config, ((x,), (y,)), method, backend)
@@ -288,6 +288,19 @@ def _heads_fn(heads: nn.ModuleList) -> Callable[[TensorDict, Tensor, Tensor], Te
         )
 
     return heads_fn
+
+
+def _task_fns(heads: nn.ModuleList) -> dict[str, Callable[[TensorDict, Tensor, Tensor], Tensor]]:
+    """The tasks as ``{name: loss}``, each loss taking its own head's parameters only."""
+
+    def task(i: int) -> Callable[[TensorDict, Tensor, Tensor], Tensor]:
+        def loss(params: TensorDict, features: Tensor, y: Tensor) -> Tensor:
+            prediction: Tensor = call(heads[i], params, features)
+            return (prediction.squeeze(1) - y[:, i]).pow(2).mean()
+
+        return loss
+
+    return {str(i): task(i) for i in range(len(heads))}
 
 
 def _mtl_parts(config: Config, device: torch.device, max_gib: float) -> dict[str, Step | str]:

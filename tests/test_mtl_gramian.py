@@ -238,3 +238,73 @@ def test_step_with_few_tasks_reads_nothing_on_the_host() -> None:
     step(*state, ((inputs(),), (_targets(),)))  # lazy initialisations first
     with NoHostSync():
         step(*state, ((inputs(),), (_targets(),)))
+
+
+def _task_fns(heads: nn.ModuleList) -> dict[str, Callable[..., Tensor]]:
+    """The tasks of ``_heads_fn`` as a mapping, each getting its own head's parameters."""
+
+    def task(i: int) -> Callable[..., Tensor]:
+        def loss(params: TensorDict, features: Tensor, y: Tensor) -> Tensor:
+            out = (call(heads[i], params, features)[:, 0] - y[:, i]).pow(2).mean()
+            return out + features.pow(2).mean() if i == 2 else out
+
+        return loss
+
+    return {str(i): task(i) for i in range(TASKS)}
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_mapping_of_task_functions_equals_one_function(name: str) -> None:
+    torch.manual_seed(3)
+    trunk, inputs = TRUNKS[name]()
+    trunk, heads = trunk.to(DEVICE, F64), _heads()
+    shared, head_params = params_of(trunk), params_of(heads)
+    x, y = inputs(), _targets()
+    one = value_and_mtl_gramian(trunk, shared, (x,), _heads_fn(heads), head_params, (y,))
+    per_task = value_and_mtl_gramian(trunk, shared, (x,), _task_fns(heads), head_params, (y,))
+    assert_close(per_task.losses, one.losses)
+    assert_close(per_task.gramian, one.gramian)
+    weights = torch.tensor([1.0, 0.2, -0.7], device=DEVICE, dtype=F64)
+    for key, value in dotted_leaves(one.combine(weights)).items():
+        assert_close(dotted_leaves(per_task.combine(weights))[key], value)
+    assert dotted_leaves(per_task.head_grads).keys() == dotted_leaves(one.head_grads).keys()
+    for key, value in dotted_leaves(one.head_grads).items():
+        assert_close(dotted_leaves(per_task.head_grads)[key], value)
+
+
+def test_mapping_errors() -> None:
+    trunk, inputs = _mlp()
+    trunk, heads = trunk.to(DEVICE, F64), _heads()
+    shared, x, y = params_of(trunk), inputs(), _targets()
+    fns = _task_fns(heads)
+    del fns["2"]
+    with pytest.raises(ValueError, match=r"exactly its keys.*\['0', '1'\].*\['0', '1', '2'\]"):
+        value_and_mtl_gramian(trunk, shared, (x,), fns, params_of(heads), (y,))
+    pair = nn.Sequential(trunk, Split()).to(DEVICE, F64)
+    with pytest.raises(TypeError, match="one Tensor of features, got tuple"):
+        value_and_mtl_gramian(pair, params_of(pair), (x,), _task_fns(heads), params_of(heads), (y,))
+
+
+class Split(nn.Module):
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x, x
+
+
+def test_mapping_step_compiles_once_without_graph_break() -> None:
+    torch.manual_seed(4)
+    trunk, inputs = _mlp()
+    trunk, heads = trunk.to(DEVICE, F64), _heads()
+    step = mtl_gramian_step(trunk, _task_fns(heads), upgrad(), sgd(0.1, momentum=0.9))
+    state = _states(trunk, heads)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    for _ in range(3):
+        batch = ((inputs(),), (_targets(),))
+        expected, actual = step(*state, batch), compiled(*state, batch)
+        assert_close(actual.metrics["weights"], expected.metrics["weights"])
+        for key, value in dotted_leaves(expected.params).items():
+            assert_close(dotted_leaves(actual.params)[key], value)
+        state = (expected.params, expected.opt_state, expected.agg_state)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()

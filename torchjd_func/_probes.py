@@ -28,8 +28,9 @@ does trace replacing the dict.
 """
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -423,7 +424,7 @@ def value_and_mtl_gramian(
     trunk: nn.Module,
     shared_params: TensorDictBase,
     trunk_inputs: Sequence[Any],
-    heads_fn: Callable[..., Tensor],
+    heads_fn: Callable[..., Tensor] | Mapping[str, Callable[..., Tensor]],
     head_params: TensorDictBase,
     head_args: Sequence[Any] = (),
 ) -> MTLGramian:
@@ -450,7 +451,10 @@ def value_and_mtl_gramian(
         shared_params: Its trainable parameters, keyed as :func:`~torchjd_func.params_of` gives
             them.
         trunk_inputs: The trunk's positional inputs.
-        heads_fn: ``heads_fn(head_params, features, *head_args) -> losses [m]``.
+        heads_fn: ``heads_fn(head_params, features, *head_args) -> losses [m]``; or a mapping
+            ``{task: fn}`` with ``fn(head_params[task], features, *head_args) -> scalar loss``
+            (one head per task, ``head_params`` keyed by task): then each task's backward pass
+            goes through its own head only, and the trunk must return one Tensor.
         head_params: The heads' parameters (a TensorDict, possibly empty).
         head_args: Further arguments of ``heads_fn``.
 
@@ -464,6 +468,12 @@ def value_and_mtl_gramian(
     """
     fallback = "mtl_step"
     shared_leaves = check_params(shared_params, "shared_params")
+    if isinstance(heads_fn, Mapping) and (not heads_fn or set(heads_fn) != set(head_params.keys())):
+        raise ValueError(
+            "With `heads_fn` a mapping {task: loss function}, `head_params` must have exactly its "
+            f"keys at the top level (one head per task); got tasks {sorted(heads_fn)} and "
+            f"head parameters {sorted(head_params.keys())}."
+        )
     keys: list[LeafKey] = list(shared_leaves)
     if not isinstance(head_params, TensorDictBase):
         raise TypeError(
@@ -482,31 +492,43 @@ def value_and_mtl_gramian(
     )
     plan = _discover(trunk, shared_params, trunk_inputs, layers)
 
-    def forward(probes: tuple[Tensor, ...], *head_tensors: Tensor) -> tuple[Tensor, list[Tensor]]:
+    probes = tuple(torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in plan)
+
+    def trunk_forward(probes: tuple[Tensor, ...]) -> tuple[Any, list[Tensor]]:
         recorded: list[Tensor] = []
         hook_of = _probe_hooks(plan, layers, probes, recorded, fallback)
-        features = _run(trunk, shared_params, trunk_inputs, layers, hook_of)
-        heads = from_leaves(dict(zip(head_keys, head_tensors, strict=True)), [])
-        losses = _check_output(heads_fn(heads, features, *head_args), "`heads_fn`")
-        if losses.ndim != 1:
-            raise ValueError(
-                f"`heads_fn` must return the task losses as a vector [m], got shape "
-                f"{list(losses.shape)}."
-            )
-        return losses, recorded
+        return _run(trunk, shared_params, trunk_inputs, layers, hook_of), recorded
 
-    probes = tuple(torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in plan)
-    losses, vjp_fn, recorded = cast(
-        "tuple[Tensor, VjpFn, list[Tensor]]",
-        vjp(forward, probes, *head_leaves.values(), has_aux=True),
-    )
+    if isinstance(heads_fn, Mapping):
+        losses, recorded, cotangents, head_grads = _per_task_cotangents(
+            trunk_forward, probes, heads_fn, head_params, head_args
+        )
+    else:
+
+        def forward(
+            probes: tuple[Tensor, ...], *head_tensors: Tensor
+        ) -> tuple[Tensor, list[Tensor]]:
+            features, recorded = trunk_forward(probes)
+            heads = from_leaves(dict(zip(head_keys, head_tensors, strict=True)), [])
+            losses = _check_output(heads_fn(heads, features, *head_args), "`heads_fn`")
+            if losses.ndim != 1:
+                raise ValueError(
+                    f"`heads_fn` must return the task losses as a vector [m], got shape "
+                    f"{list(losses.shape)}."
+                )
+            return losses, recorded
+
+        losses, vjp_fn, recorded = cast(
+            "tuple[Tensor, VjpFn, list[Tensor]]",
+            vjp(forward, probes, *head_leaves.values(), has_aux=True),
+        )
+        rows = torch.eye(losses.shape[0], dtype=losses.dtype, device=losses.device)
+        per_task = cast("tuple[Any, ...]", vmap(vjp_fn)(rows))  # ([m, *out] per probe, heads)
+        cotangents = per_task[0]
+        head_grads = from_leaves(
+            {key: rows_.sum(0) for key, rows_ in zip(head_keys, per_task[1:], strict=True)}, []
+        )
     n_tasks = losses.shape[0]
-    rows = torch.eye(n_tasks, dtype=losses.dtype, device=losses.device)
-    per_task = cast("tuple[Any, ...]", vmap(vjp_fn)(rows))  # ([m, *output] per probe, heads...)
-    cotangents: tuple[Tensor, ...] = per_task[0]
-    head_grads = from_leaves(
-        {key: rows_.sum(0) for key, rows_ in zip(head_keys, per_task[1:], strict=True)}, []
-    )
     parts = _layer_parts(layers, plan, recorded, cotangents, None, fallback)
     total = losses.new_zeros(n_tasks, n_tasks)
     for layer, layer_parts in zip(layers, parts, strict=True):
@@ -531,3 +553,58 @@ def value_and_mtl_gramian(
         )
 
     return MTLGramian(losses, total, combine, head_grads)
+
+
+def _per_task_cotangents(
+    trunk_forward: Callable[[tuple[Tensor, ...]], tuple[Any, list[Tensor]]],
+    probes: tuple[Tensor, ...],
+    task_fns: Mapping[str, Callable[..., Tensor]],
+    head_params: TensorDictBase,
+    head_args: Sequence[Any],
+) -> tuple[Tensor, list[Tensor], tuple[Tensor, ...], TensorDict]:
+    """Losses, the trunk layers' inputs and per-task cotangents ``[m, *out]``, and the head
+    gradients, with one backward pass per task through its own head only (each task function
+    gets its own head's parameters), then the ``m`` feature cotangents vmapped through the trunk.
+    Unlike one function for all the tasks, no task computes the (zero) cotangents of the other
+    heads."""
+    features, trunk_vjp, recorded = cast(
+        "tuple[Any, VjpFn, list[Tensor]]", vjp(trunk_forward, probes, has_aux=True)
+    )
+    if not isinstance(features, Tensor):
+        raise TypeError(
+            "With `heads_fn` a mapping of per-task functions, the trunk must return one Tensor "
+            f"of features, got {type(features).__name__}."
+        )
+    losses: list[Tensor] = []
+    feature_rows: list[Tensor] = []
+    head_grads: dict[str, TensorDict] = {}
+    for name, task_fn in task_fns.items():
+        own = leaves(head_params[name]) if isinstance(head_params[name], TensorDictBase) else {}
+        own_keys = list(own)
+        what = f"The loss function of task {name!r}"
+
+        task = partial(_task_loss, task_fn, own_keys, what, head_args)
+        loss, task_vjp = cast("tuple[Tensor, VjpFn]", vjp(task, features, *own.values()))
+        grads = task_vjp(torch.ones_like(loss))
+        losses.append(loss)
+        feature_rows.append(grads[0])
+        head_grads[name] = from_leaves(dict(zip(own_keys, grads[1:], strict=True)), [])
+    cotangents = cast("tuple[Tensor, ...]", vmap(trunk_vjp)(torch.stack(feature_rows))[0])
+    return torch.stack(losses), recorded, cotangents, TensorDict(head_grads, batch_size=[])
+
+
+def _task_loss(
+    task_fn: Callable[..., Tensor],
+    own_keys: Sequence[LeafKey],
+    what: str,
+    head_args: Sequence[Any],
+    features: Tensor,
+    *tensors: Tensor,
+) -> Tensor:
+    """One task's loss from the features and its own head's parameter tensors, checked."""
+    params = from_leaves(dict(zip(own_keys, tensors, strict=True)), [])
+    loss = task_fn(params, features, *head_args)
+    if not isinstance(loss, Tensor) or loss.ndim != 0:
+        got = list(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"{what} must return a scalar Tensor, got {got}.")
+    return _check_output(loss, what)

@@ -32,7 +32,7 @@ Example:
     torch.Size([8])
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from tensordict import TensorDict, TensorDictBase
@@ -254,7 +254,7 @@ def _check_mtl_params(params: TensorDictBase) -> None:
 
 def mtl_gramian_step(
     trunk: nn.Module,
-    heads_fn: Callable[..., Tensor],
+    heads_fn: Callable[..., Tensor] | Mapping[str, Callable[..., Tensor]],
     weighting: PureWeighting,
     optimizer: Optimizer,
 ) -> StepFn:
@@ -280,7 +280,11 @@ def mtl_gramian_step(
 
     Args:
         trunk: The shared trunk, called as ``call(trunk, params["shared"], *trunk_inputs)``.
-        heads_fn: ``heads_fn(head_params, features, *head_args) -> losses [m]``.
+        heads_fn: ``heads_fn(head_params, features, *head_args) -> losses [m]``, or, with one
+            head per task and ``params["heads"]`` keyed by task, a mapping ``{task: fn}`` with
+            ``fn(params["heads"][task], features, *head_args) -> scalar loss``: each task's
+            backward pass then goes through its own head only (one function for all the tasks
+            makes every task's backward pass compute the zero cotangents of the other heads).
         weighting: E.g. ``upgrad()``, initialised for ``m`` losses.
         optimizer: E.g. ``sgd(0.1)``, initialised with the whole ``params``.
 
