@@ -206,3 +206,74 @@ def test_per_task_functions_equal_one_function_and_autograd() -> None:
         assert_close(actual, expected)
     assert_leaves_close(per_task.head_grads, dotted_leaves(together.head_grads))
     assert (per_task.jacobian[2] == 0).all()  # task 2 does not go through the trunk
+
+
+def test_mapping_of_task_functions_equals_one_function() -> None:
+    """``heads_fn`` as ``{task: loss}``, each loss with its own head's parameters (one backward
+    pass per task through its own head): the same as one function for all the tasks, also with
+    a trunk returning two features."""
+    torch.manual_seed(1)
+    dtype = torch.float64
+    trunk = nn.Linear(5, 6).to(DEVICE, dtype)
+    head_a, head_b = nn.Linear(3, 1).to(DEVICE, dtype), nn.Linear(6, 1).to(DEVICE, dtype)
+    x = torch.randn(7, 5, device=DEVICE, dtype=dtype)
+
+    def trunk_fn(p: TensorDict, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = call(trunk, p, x)
+        return torch.tanh(out[:, :3]), torch.sin(out)
+
+    def loss_a(params: TensorDict, feats: tuple[Tensor, Tensor]) -> Tensor:
+        return call(head_a, params, feats[0]).pow(2).mean()
+
+    def loss_b(params: TensorDict, feats: tuple[Tensor, Tensor]) -> Tensor:
+        return call(head_b, params, feats[1]).abs().mean() + feats[0].mean()
+
+    def both(params: TensorDict, feats: tuple[Tensor, Tensor]) -> Tensor:
+        return torch.stack([loss_a(params["a"], feats), loss_b(params["b"], feats)])
+
+    heads = TensorDict({"a": params_of(head_a), "b": params_of(head_b)})
+    mapped = mtl_jacobian(trunk_fn, {"a": loss_a, "b": loss_b}, params_of(trunk), heads, (x,))
+    together = mtl_jacobian(trunk_fn, both, params_of(trunk), heads, (x,))
+    assert_close(mapped.losses, together.losses)
+    assert_leaves_close(mapped.jacobian, dotted_leaves(together.jacobian))
+    assert_leaves_close(mapped.head_grads, dotted_leaves(together.head_grads))
+    with pytest.raises(ValueError, match="exactly its keys"):
+        mtl_jacobian(trunk_fn, {"a": loss_a}, params_of(trunk), heads, (x,))
+
+
+@pytest.mark.parametrize("form", ["function", "mapping"])
+def test_mtl_step_with_heads_in_a_closure_compiles_once(form: str) -> None:
+    """Heads captured by closure (as in benchmarks/bench_steps.py), one function or a mapping."""
+    from torch._dynamo.testing import CompileCounter
+
+    from torchjd_func.aggregation import upgrad
+    from torchjd_func.optim import sgd
+    from torchjd_func.step import mtl_step
+
+    torch.manual_seed(2)
+    trunk = nn.Sequential(nn.Linear(5, 6), nn.ReLU()).to(DEVICE)
+    heads = nn.ModuleDict({"a": nn.Linear(6, 1), "b": nn.Linear(6, 1)}).to(DEVICE)
+
+    def task(name: str) -> Callable[..., Tensor]:
+        def loss(params: TensorDict, features: Tensor, y: Tensor) -> Tensor:
+            return (call(heads[name], params, features)[:, 0] - y).pow(2).mean()
+
+        return loss
+
+    def both(params: TensorDict, features: Tensor, y: Tensor) -> Tensor:
+        return torch.stack([task(name)(params[name], features, y) for name in heads])
+
+    heads_fn = both if form == "function" else {"a": task("a"), "b": task("b")}
+    step = mtl_step(lambda p, x: call(trunk, p, x), heads_fn, upgrad(), sgd(0.1))
+    params = TensorDict({"shared": params_of(trunk), "heads": params_of(heads)})
+    state = (params, sgd(0.1).init(params), upgrad().init(2, device=DEVICE))
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    for _ in range(3):
+        batch = ((torch.randn(8, 5, device=DEVICE),), (torch.randn(8, device=DEVICE),))
+        expected, actual = step(*state, batch), compiled(*state, batch)
+        assert_close(actual.metrics["weights"], expected.metrics["weights"])
+        state = (expected.params, expected.opt_state, expected.agg_state)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()

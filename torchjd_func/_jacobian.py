@@ -11,7 +11,8 @@ depends on no parameter at all is an error, since it is almost always a bug (det
 wrong params).
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -384,7 +385,9 @@ def _as_features(features: object) -> tuple[Tensor, ...]:
 
 def mtl_jacobian(
     trunk_fn: Callable[..., Tensor | Sequence[Tensor]],
-    heads_fn: Callable[..., Tensor] | Sequence[Callable[..., Tensor]],
+    heads_fn: Callable[..., Tensor]
+    | Sequence[Callable[..., Tensor]]
+    | Mapping[str, Callable[..., Tensor]],
     shared_params: TensorDictBase,
     head_params: TensorDictBase,
     trunk_args: Sequence[Any] = (),
@@ -410,8 +413,12 @@ def mtl_jacobian(
             Tensors.
         heads_fn: ``heads_fn(head_params, features, *head_args) -> losses`` of any shape ``s``
             (usually ``[m]``); or a sequence of per-task functions with the same signature, each
-            returning a scalar loss (stacked into ``[m]``). ``features`` is passed as the trunk
-            returned it.
+            returning a scalar loss (stacked into ``[m]``); or a mapping ``{task: fn}`` with
+            ``fn(head_params[task], features, *head_args) -> scalar loss``, ``head_params``
+            keyed by exactly those tasks. ``features`` is passed as the trunk returned it. The
+            mapping takes one backward pass per task through its own head only; the other forms
+            backpropagate every loss through all the heads (vmapped, computing the zero
+            cotangents of the other heads). ``chunk_size`` does not apply to the mapping.
         shared_params: The trunk's parameters.
         head_params: The heads' parameters, e.g. ``TensorDict({"task1": params_of(head1), ...})``.
             May be empty (losses computed from the features alone).
@@ -455,7 +462,14 @@ def mtl_jacobian(
     if head_leaves:
         check_params(head_params, "head_params")
     shared_keys, head_keys = list(shared_leaves), list(head_leaves)
-    losses_fn = _stacked(heads_fn) if isinstance(heads_fn, Sequence) else heads_fn
+    losses_fn: Callable[..., Tensor] | None
+    if isinstance(heads_fn, Mapping):
+        check_task_mapping(heads_fn, head_params)
+        losses_fn = None
+    elif isinstance(heads_fn, Sequence):
+        losses_fn = _stacked(heads_fn)
+    else:
+        losses_fn = heads_fn
 
     # Whether the trunk returned one Tensor rather than a tuple: known once it has been traced.
     single_feature = [False]
@@ -476,17 +490,24 @@ def mtl_jacobian(
 
     def heads_of_leaves(*tensors: Tensor) -> Tensor:
         params = from_leaves(dict(zip(head_keys, tensors[:n_heads], strict=True)), [])
+        assert losses_fn is not None  # not the mapping
         losses = losses_fn(params, as_returned(tensors[n_heads:]), *head_args)
         return _check_output(losses, "`heads_fn`")
 
-    losses, heads_vjp = cast(
-        "tuple[Tensor, VjpFn]", vjp(heads_of_leaves, *head_leaves.values(), *features)
-    )
-    head_rows = _vjp_rows(heads_vjp, losses, chunk_size)
-    feature_rows = head_rows[n_heads:]
-    head_grads = from_leaves(
-        {key: row.sum(0) for key, row in zip(head_keys, head_rows[:n_heads], strict=True)}, []
-    )
+    head_grads: TensorDictBase
+    if isinstance(heads_fn, Mapping):
+        losses, head_grads, feature_rows = task_rows(
+            heads_fn, head_params, features, as_returned, head_args
+        )
+    else:
+        losses, heads_vjp = cast(
+            "tuple[Tensor, VjpFn]", vjp(heads_of_leaves, *head_leaves.values(), *features)
+        )
+        head_rows = _vjp_rows(heads_vjp, losses, chunk_size)
+        feature_rows = head_rows[n_heads:]
+        head_grads = from_leaves(
+            {key: row.sum(0) for key, row in zip(head_keys, head_rows[:n_heads], strict=True)}, []
+        )
     shared_rows = batched_vjp(lambda rows, _: trunk_vjp(rows), tuple(feature_rows), chunk_size)
     shaped = [row.reshape((*losses.shape, *row.shape[1:])) for row in shared_rows]
     return MTLJacobian(
@@ -511,3 +532,60 @@ def _stacked(task_fns: Sequence[Callable[..., Tensor]]) -> Callable[..., Tensor]
         return torch.stack(losses)
 
     return losses_fn
+
+
+def check_task_mapping(task_fns: Mapping[str, Any], head_params: TensorDictBase) -> None:
+    """A mapping ``{task: loss function}`` needs ``head_params`` keyed by exactly those tasks."""
+    if not task_fns or set(task_fns) != set(head_params.keys()):
+        raise ValueError(
+            "With `heads_fn` a mapping {task: loss function}, `head_params` must have exactly its "
+            f"keys at the top level (one head per task); got tasks {sorted(task_fns)} and "
+            f"head parameters {sorted(head_params.keys())}."
+        )
+
+
+def _task_loss(
+    task_fn: Callable[..., Tensor],
+    own_keys: Sequence[LeafKey],
+    what: str,
+    head_args: Sequence[Any],
+    as_returned: Callable[[Sequence[Tensor]], Any],
+    n_features: int,
+    *tensors: Tensor,
+) -> Tensor:
+    """One task's loss from the features and its own head's parameter tensors, checked."""
+    params = from_leaves(dict(zip(own_keys, tensors[n_features:], strict=True)), [])
+    loss = task_fn(params, as_returned(tensors[:n_features]), *head_args)
+    if not isinstance(loss, Tensor) or loss.ndim != 0:
+        got = list(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"{what} must return a scalar Tensor, got {got}.")
+    return _check_output(loss, what)
+
+
+def task_rows(
+    task_fns: Mapping[str, Callable[..., Tensor]],
+    head_params: TensorDictBase,
+    features: Sequence[Tensor],
+    as_returned: Callable[[Sequence[Tensor]], Any],
+    head_args: Sequence[Any],
+) -> tuple[Tensor, TensorDict, tuple[Tensor, ...]]:
+    """Losses ``[m]``, head gradients and feature rows ``[m, *f.shape]`` for a mapping
+    ``{task: fn}`` with ``fn(head_params[task], features, *head_args) -> scalar``: one backward
+    pass per task, w.r.t. the features and that task's own head only. (One function for all the
+    tasks, vmapped over the losses, would compute in every task's pass the zero cotangents of the
+    other heads; and differentiating each task w.r.t. all the heads would materialise zeros.)"""
+    losses: list[Tensor] = []
+    rows: list[tuple[Tensor, ...]] = []
+    head_grads: dict[str, TensorDict] = {}
+    for name, task_fn in task_fns.items():
+        own_td = head_params[name]
+        own = leaves(own_td) if isinstance(own_td, TensorDictBase) else {}
+        what = f"The loss function of task {name!r}"
+        task = partial(_task_loss, task_fn, list(own), what, head_args, as_returned, len(features))
+        loss, task_vjp = cast("tuple[Tensor, VjpFn]", vjp(task, *features, *own.values()))
+        grads = task_vjp(torch.ones_like(loss))
+        losses.append(loss)
+        rows.append(tuple(grads[: len(features)]))
+        head_grads[name] = from_leaves(dict(zip(own, grads[len(features) :], strict=True)), [])
+    stacked = tuple(torch.stack(column) for column in zip(*rows, strict=True))
+    return torch.stack(losses), TensorDict(head_grads, batch_size=[]), stacked

@@ -30,7 +30,6 @@ does trace replacing the dict.
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -38,7 +37,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
-from torchjd_func._jacobian import VjpFn, _check_output
+from torchjd_func._jacobian import VjpFn, _check_output, check_task_mapping, task_rows
 from torchjd_func._tree import call, check_params, dotted, from_leaves, leaves
 from torchjd_func._types import LeafKey
 from torchjd_func.autogram._engine import _batch_incompatibility
@@ -468,12 +467,8 @@ def value_and_mtl_gramian(
     """
     fallback = "mtl_step"
     shared_leaves = check_params(shared_params, "shared_params")
-    if isinstance(heads_fn, Mapping) and (not heads_fn or set(heads_fn) != set(head_params.keys())):
-        raise ValueError(
-            "With `heads_fn` a mapping {task: loss function}, `head_params` must have exactly its "
-            f"keys at the top level (one head per task); got tasks {sorted(heads_fn)} and "
-            f"head parameters {sorted(head_params.keys())}."
-        )
+    if isinstance(heads_fn, Mapping):
+        check_task_mapping(heads_fn, head_params)
     keys: list[LeafKey] = list(shared_leaves)
     if not isinstance(head_params, TensorDictBase):
         raise TypeError(
@@ -563,10 +558,9 @@ def _per_task_cotangents(
     head_args: Sequence[Any],
 ) -> tuple[Tensor, list[Tensor], tuple[Tensor, ...], TensorDict]:
     """Losses, the trunk layers' inputs and per-task cotangents ``[m, *out]``, and the head
-    gradients, with one backward pass per task through its own head only (each task function
-    gets its own head's parameters), then the ``m`` feature cotangents vmapped through the trunk.
-    Unlike one function for all the tasks, no task computes the (zero) cotangents of the other
-    heads."""
+    gradients: one backward pass per task through its own head only
+    (:func:`~torchjd_func._jacobian.task_rows`), then the ``m`` feature cotangents vmapped
+    through the trunk."""
     features, trunk_vjp, recorded = cast(
         "tuple[Any, VjpFn, list[Tensor]]", vjp(trunk_forward, probes, has_aux=True)
     )
@@ -575,36 +569,8 @@ def _per_task_cotangents(
             "With `heads_fn` a mapping of per-task functions, the trunk must return one Tensor "
             f"of features, got {type(features).__name__}."
         )
-    losses: list[Tensor] = []
-    feature_rows: list[Tensor] = []
-    head_grads: dict[str, TensorDict] = {}
-    for name, task_fn in task_fns.items():
-        own = leaves(head_params[name]) if isinstance(head_params[name], TensorDictBase) else {}
-        own_keys = list(own)
-        what = f"The loss function of task {name!r}"
-
-        task = partial(_task_loss, task_fn, own_keys, what, head_args)
-        loss, task_vjp = cast("tuple[Tensor, VjpFn]", vjp(task, features, *own.values()))
-        grads = task_vjp(torch.ones_like(loss))
-        losses.append(loss)
-        feature_rows.append(grads[0])
-        head_grads[name] = from_leaves(dict(zip(own_keys, grads[1:], strict=True)), [])
-    cotangents = cast("tuple[Tensor, ...]", vmap(trunk_vjp)(torch.stack(feature_rows))[0])
-    return torch.stack(losses), recorded, cotangents, TensorDict(head_grads, batch_size=[])
-
-
-def _task_loss(
-    task_fn: Callable[..., Tensor],
-    own_keys: Sequence[LeafKey],
-    what: str,
-    head_args: Sequence[Any],
-    features: Tensor,
-    *tensors: Tensor,
-) -> Tensor:
-    """One task's loss from the features and its own head's parameter tensors, checked."""
-    params = from_leaves(dict(zip(own_keys, tensors, strict=True)), [])
-    loss = task_fn(params, features, *head_args)
-    if not isinstance(loss, Tensor) or loss.ndim != 0:
-        got = list(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(f"{what} must return a scalar Tensor, got {got}.")
-    return _check_output(loss, what)
+    losses, head_grads, (rows,) = task_rows(
+        task_fns, head_params, (features,), lambda feats: feats[0], head_args
+    )
+    cotangents = cast("tuple[Tensor, ...]", vmap(trunk_vjp)(rows)[0])
+    return losses, recorded, cotangents, head_grads

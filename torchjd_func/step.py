@@ -198,7 +198,9 @@ def per_sample_step(
 
 def mtl_step(
     trunk_fn: Callable[..., Tensor | Sequence[Tensor]],
-    heads_fn: Callable[..., Tensor] | Sequence[Callable[..., Tensor]],
+    heads_fn: Callable[..., Tensor]
+    | Sequence[Callable[..., Tensor]]
+    | Mapping[str, Callable[..., Tensor]],
     weighting: PureWeighting,
     optimizer: Optimizer,
     *,
@@ -211,8 +213,10 @@ def mtl_step(
 
     Args:
         trunk_fn: ``trunk_fn(shared_params, *trunk_args) -> features``.
-        heads_fn: ``heads_fn(head_params, features, *head_args) -> losses [m]``, or a sequence
-            of per-task functions returning scalar losses (see :func:`~torchjd_func.mtl_jacobian`).
+        heads_fn: ``heads_fn(head_params, features, *head_args) -> losses [m]``, a sequence
+            of per-task functions returning scalar losses, or a mapping ``{task: fn}`` whose
+            functions take only their own head's parameters ``params["heads"][task]`` (see
+            :func:`~torchjd_func.mtl_jacobian`).
         weighting: E.g. ``upgrad()``, initialised for ``m`` losses.
         optimizer: E.g. ``sgd(0.1)``, initialised with the whole ``params``.
         chunk_size: Losses differentiated at once.
