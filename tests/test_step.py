@@ -232,6 +232,11 @@ def test_step_errors() -> None:
         step(params_of(MODEL), None, upgrad().init(3), _mtl_batch())
 
 
+def _upgrad_state(case: Case) -> tuple[TensorDict, Any, Any]:
+    params = case.params()
+    return params, step_optimizer_state(case, params), upgrad().init(case.n_losses, device=DEVICE)
+
+
 def _control_flow_in_graph(case: Case) -> set[str]:
     """The higher-order control-flow operators in the step's dynamo graph."""
     found: set[str] = set()
@@ -244,12 +249,7 @@ def _control_flow_in_graph(case: Case) -> set[str]:
         return gm.forward
 
     step = case.build(upgrad())
-    params = case.params()
-    state = (
-        params,
-        step_optimizer_state(case, params),
-        upgrad().init(case.n_losses, device=DEVICE),
-    )
+    state = _upgrad_state(case)
     torch.compile(step, fullgraph=True, backend=backend)(*state, case.batch())
     return found
 
@@ -260,12 +260,7 @@ def test_steps_with_few_losses_have_no_host_sync_nor_control_flow(case: Case) ->
     sets: the step reads nothing on the host and its graph has no ``cond`` or ``while_loop``, as
     CUDA graphs (``mode="reduce-overhead"``) need. Checked with m = 3."""
     step = case.build(upgrad())
-    params = case.params()
-    state = (
-        params,
-        step_optimizer_state(case, params),
-        upgrad().init(case.n_losses, device=DEVICE),
-    )
+    state = _upgrad_state(case)
     step(*state, case.batch())  # lazy initialisations first
     with NoHostSync():
         step(*state, case.batch())

@@ -454,13 +454,7 @@ def mtl_jacobian(
     """
     _check_chunk_size(chunk_size)
     shared_leaves = check_params(shared_params, "shared_params")
-    if not isinstance(head_params, TensorDictBase):
-        raise TypeError(
-            f"`head_params` must be a TensorDict (possibly empty), got {type(head_params).__name__}."
-        )
-    head_leaves = leaves(head_params)
-    if head_leaves:
-        check_params(head_params, "head_params")
+    head_leaves = check_head_params(head_params)
     shared_keys, head_keys = list(shared_leaves), list(head_leaves)
     losses_fn: Callable[..., Tensor] | None
     if isinstance(heads_fn, Mapping):
@@ -532,6 +526,18 @@ def _stacked(task_fns: Sequence[Callable[..., Tensor]]) -> Callable[..., Tensor]
         return torch.stack(losses)
 
     return losses_fn
+
+
+def check_head_params(head_params: object) -> dict[LeafKey, Tensor]:
+    """The leaves of ``head_params``, a TensorDict that may be empty (checked when it is not)."""
+    if not isinstance(head_params, TensorDictBase):
+        raise TypeError(
+            f"`head_params` must be a TensorDict (possibly empty), got {type(head_params).__name__}."
+        )
+    head_leaves = leaves(head_params)
+    if head_leaves:
+        check_params(head_params, "head_params")
+    return head_leaves
 
 
 def check_task_mapping(task_fns: Mapping[str, Any], head_params: TensorDictBase) -> None:

@@ -37,8 +37,14 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
-from torchjd_func._jacobian import VjpFn, _check_output, check_task_mapping, task_rows
-from torchjd_func._tree import call, check_params, dotted, from_leaves, leaves
+from torchjd_func._jacobian import (
+    VjpFn,
+    _check_output,
+    check_head_params,
+    check_task_mapping,
+    task_rows,
+)
+from torchjd_func._tree import call, check_params, dotted, from_leaves
 from torchjd_func._types import LeafKey
 from torchjd_func.autogram._engine import _batch_incompatibility
 from torchjd_func.autogram._fast import (
@@ -470,13 +476,7 @@ def value_and_mtl_gramian(
     if isinstance(heads_fn, Mapping):
         check_task_mapping(heads_fn, head_params)
     keys: list[LeafKey] = list(shared_leaves)
-    if not isinstance(head_params, TensorDictBase):
-        raise TypeError(
-            f"`head_params` must be a TensorDict (possibly empty), got {type(head_params).__name__}."
-        )
-    head_leaves = leaves(head_params)
-    if head_leaves:
-        check_params(head_params, "head_params")
+    head_leaves = check_head_params(head_params)
     head_keys = list(head_leaves)
     layers = _layers(
         trunk,

@@ -76,7 +76,8 @@ StepFn = Callable[[TensorDictBase, Any, Any, Sequence[Any]], StepOutput]
 """``step(params, opt_state, agg_state, batch) -> StepOutput``."""
 
 
-def _check(weighting: PureWeighting, optimizer: Optimizer) -> None:
+def _check(weighting: PureWeighting, optimizer: Optimizer, **modules: object) -> None:
+    """Checks the weighting, the optimizer and the modules given by name."""
     if not isinstance(weighting, PureWeighting):
         raise TypeError(
             f"`weighting` must be a PureWeighting (e.g. `upgrad()`), got {type(weighting).__name__}."
@@ -86,6 +87,9 @@ def _check(weighting: PureWeighting, optimizer: Optimizer) -> None:
             f"`optimizer` must be a functional Optimizer (e.g. `sgd(0.1)`), got "
             f"{type(optimizer).__name__}."
         )
+    for name, module in modules.items():
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"`{name}` must be a torch.nn.Module, got {type(module).__name__}.")
 
 
 def _finish(
@@ -321,9 +325,7 @@ def mtl_gramian_step(
         >>> out.metrics["weights"].shape
         torch.Size([2])
     """
-    _check(weighting, optimizer)
-    if not isinstance(trunk, nn.Module):
-        raise TypeError(f"`trunk` must be a torch.nn.Module, got {type(trunk).__name__}.")
+    _check(weighting, optimizer, trunk=trunk)
 
     def step(
         params: TensorDictBase, opt_state: Any, agg_state: Any, batch: Sequence[Any]
@@ -413,9 +415,7 @@ def gramian_step(
         >>> out.metrics["weights"].shape
         torch.Size([8, 2])
     """
-    _check(weighting, optimizer)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    _check(weighting, optimizer, model=model)
 
     def step(
         params: TensorDictBase, opt_state: Any, agg_state: Any, batch: Sequence[Any]
