@@ -470,6 +470,18 @@ def value_and_mtl_gramian(
         TypeError: a trainable parameter belongs to an unsupported module (or is shared by
             several), or a layer call has no closed form.
         ValueError: the losses are not a vector ``[m]``.
+
+    Example:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from torchjd_func import params_of
+        >>> trunk = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh())
+        >>> def losses_fn(head_params, features):  # two tasks, no head parameters
+        ...     return torch.stack([features[:, 0].mean(), features.pow(2).mean()])
+        >>> x = torch.randn(8, 3)
+        >>> out = value_and_mtl_gramian(trunk, params_of(trunk), (x,), losses_fn, TensorDict())
+        >>> out.gramian.shape, sorted(out.combine(torch.ones(2)).keys())
+        (torch.Size([2, 2]), ['0'])
     """
     fallback = "mtl_step"
     shared_leaves = check_params(shared_params, "shared_params")
