@@ -322,6 +322,31 @@ def _weighted_gradients(
     return grads
 
 
+def _check_weights(weights: Tensor, losses: Tensor) -> None:
+    if weights.shape != losses.shape:
+        raise ValueError(
+            f"Expected weights of the losses' shape {list(losses.shape)}, got "
+            f"{list(weights.shape)}."
+        )
+
+
+def _closed_form_update(
+    layers: Sequence[_Layer],
+    parts: Sequence[Sequence[_Operands]],
+    params_leaves: dict[LeafKey, Tensor],
+    weights: Tensor,
+) -> TensorDict:
+    """``Jᵀw`` params-shaped, from every layer's operands (:func:`_weighted_gradients`); zero for
+    the parameters of layers that no call reached."""
+    grads: dict[str, Tensor] = {}
+    for layer, layer_parts in zip(layers, parts, strict=True):
+        grads.update(_weighted_gradients(layer, layer_parts, weights))
+    leaves_ = {
+        key: grads.get(dotted(key), torch.zeros_like(leaf)) for key, leaf in params_leaves.items()
+    }
+    return from_leaves(leaves_, [])
+
+
 def value_and_per_sample_gramian(
     model: nn.Module,
     params: TensorDictBase,
@@ -406,21 +431,10 @@ def value_and_per_sample_gramian(
             total = total + square.reshape(n_rows, n_rows)
 
     def combine(weights: Tensor) -> TensorDict:
-        if weights.shape != losses.shape:
-            raise ValueError(
-                f"Expected weights of the losses' shape {list(losses.shape)}, got "
-                f"{list(weights.shape)}."
-            )
+        _check_weights(weights, losses)
         # [R, B]: one weight per (row, sample), as the cotangents are laid out.
         rows_first = weights.to(losses.dtype).reshape(batch, -1).T
-        grads: dict[str, Tensor] = {}
-        for layer, layer_parts in zip(layers, parts, strict=True):
-            grads.update(_weighted_gradients(layer, layer_parts, rows_first))
-        leaves = {
-            key: grads.get(dotted(key), torch.zeros_like(leaf))
-            for key, leaf in params_leaves.items()
-        }
-        return from_leaves(leaves, [])
+        return _closed_form_update(layers, parts, params_leaves, rows_first)
 
     return PerSampleGramian(losses, total, combine)
 
@@ -543,21 +557,8 @@ def value_and_mtl_gramian(
             total = total + task_gramian(layer_parts, layer.weight, layer.bias)
 
     def combine(weights: Tensor) -> TensorDict:
-        if weights.shape != losses.shape:
-            raise ValueError(
-                f"Expected weights of the losses' shape {list(losses.shape)}, got "
-                f"{list(weights.shape)}."
-            )
-        grads: dict[str, Tensor] = {}
-        for layer, layer_parts in zip(layers, parts, strict=True):
-            grads.update(_weighted_gradients(layer, layer_parts, weights.to(losses.dtype)))
-        return from_leaves(
-            {
-                key: grads.get(dotted(key), torch.zeros_like(leaf))
-                for key, leaf in shared_leaves.items()
-            },
-            [],
-        )
+        _check_weights(weights, losses)
+        return _closed_form_update(layers, parts, shared_leaves, weights.to(losses.dtype))
 
     return MTLGramian(losses, total, combine, head_grads)
 
