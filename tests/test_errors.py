@@ -90,6 +90,9 @@ def test_module_tensors_and_inputs_on_another_device() -> None:
         call(frozen, params, X)
     with pytest.raises(ValueError, match="Input 0 of Linear is on meta"):
         call(MODEL, params_of(MODEL), X.to("meta"))
+    with pytest.raises(ValueError, match="Keyword input 'input' of Linear is on meta"):
+        call(MODEL, params_of(MODEL), input=X.to("meta"))
+    assert call(MODEL, params_of(MODEL), input=X).shape == (4, 2)
     # Zero-dim tensors may live on another device, as in torch itself, and so may integer inputs
     # (pack_padded_sequence wants its lengths on the CPU).
     assert call(MODEL, params_of(MODEL), X * torch.tensor(2.0)).shape == (4, 2)

@@ -120,6 +120,7 @@ def _check_devices(
     replacements: dict[str, Tensor],
     own: dict[str, tuple[str, Tensor]],
     args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> None:
     """Raises a ValueError if the module's own tensors or its floating-point inputs are not on
     the device of ``params``. Zero-dim tensors are exempt, as in torch's own device checks, and so
@@ -132,7 +133,9 @@ def _check_devices(
                 f"are on {device}. The module's own {kind}s (those not in `params`) are used as "
                 f"they are: move the module to that device first, `module.to({str(device)!r})`."
             )
-    for i, arg in enumerate(args):
+    named = [(f"Input {i}", arg) for i, arg in enumerate(args)]
+    named += [(f"Keyword input {key!r}", arg) for key, arg in kwargs.items()]
+    for what, arg in named:
         if (
             isinstance(arg, Tensor)
             and arg.is_floating_point()
@@ -140,7 +143,7 @@ def _check_devices(
             and arg.device != device
         ):
             raise ValueError(
-                f"Input {i} of {type(module).__name__} is on {arg.device}, but `params` are on "
+                f"{what} of {type(module).__name__} is on {arg.device}, but `params` are on "
                 f"{device}: move the inputs (or the parameters) to one device."
             )
 
@@ -171,8 +174,8 @@ def call(
     Raises:
         TypeError: ``module`` is not an ``nn.Module`` or ``params`` is not a TensorDict.
         ValueError: ``params`` or ``buffers`` names something the module does not have, or a
-            floating-point positional input or a tensor of the module that ``params`` does not
-            replace is on another device than ``params``.
+            floating-point input (positional or keyword) or a tensor of the module that
+            ``params`` does not replace is on another device than ``params``.
 
     Example:
         >>> import torch
@@ -200,5 +203,5 @@ def call(
             f"{type(module).__name__} has no parameter or buffer named {unknown}. The keys of "
             "`params` must mirror the module tree, as `params_of(module)` gives them."
         )
-    _check_devices(module, replacements, own, args)
+    _check_devices(module, replacements, own, args, kwargs)
     return functional_call(module, replacements, args, kwargs, tie_weights=True, strict=False)
