@@ -10,10 +10,9 @@ For each configuration (model, batch, number of losses) four steps are measured 
 
 * ``sgd``: the baseline, ``loss.sum()`` (MTL) or ``losses.mean()`` (IWRM, IWMTL) backward, then
   ``torch.optim.SGD.step()``;
-* ``jd-eager`` and ``jd-compiled``: our step (``mtl_step`` for MTL, or ``mtl_gramian_step`` with
-  ``--mtl-step gramian``; ``gramian_step`` for IWRM and
-  IWMTL, with ``upgrad()`` and the functional ``sgd``), eagerly and under
-  ``torch.compile(fullgraph=True)``;
+* ``jd-eager`` and ``jd-compiled``: our step (``mtl_gramian_step`` for MTL, or ``mtl_step`` with
+  ``--mtl-step jacobian``; ``gramian_step`` for IWRM and IWMTL; with ``upgrad()`` and the
+  functional ``sgd``), eagerly and under ``torch.compile(fullgraph=True)``;
   the compile time (first call) is reported on its own and excluded from the step time;
 * ``torchjd``: TorchJD's equivalent when it is importable, ``mtl_backward`` +
   ``jac_to_grad(..., UPGrad())`` (MTL) or autogram's ``Engine(model, batch_dim=0)`` +
@@ -66,7 +65,7 @@ from torch import Tensor, nn
 
 from torchjd_func import call, combine, flatten_gramian, gramian, params_of
 from torchjd_func._jacobian import mtl_jacobian
-from torchjd_func._probes import value_and_per_sample_gramian
+from torchjd_func._probes import MTLGramian, value_and_mtl_gramian, value_and_per_sample_gramian
 from torchjd_func.aggregation import upgrad, upgrad_weights
 from torchjd_func.optim import sgd
 from torchjd_func.step import StepFn, gramian_step, mtl_gramian_step, mtl_step
@@ -134,7 +133,7 @@ class Cell:
     parts_ms: dict[str, float | str] | None = None
 
 
-MTL_STEP = ["jacobian"]
+MTL_STEP = ["gramian"]
 """Our MTL step: ``mtl_step`` ("jacobian") or ``mtl_gramian_step`` ("gramian"), ``--mtl-step``."""
 
 NOT_RUN = Cell(skipped="not run")
@@ -304,11 +303,23 @@ def _task_fns(heads: nn.ModuleList) -> dict[str, Callable[[TensorDict, Tensor, T
 
 
 def _mtl_parts(config: Config, device: torch.device, max_gib: float) -> dict[str, Step | str]:
+    """The parts of our MTL step: ``mtl_step``'s (Jacobian, Gramian, weights, update), or
+    ``mtl_gramian_step``'s (Gramian with the forward and backward passes, weights, update)."""
     trunk = nn.Sequential(*_trunk()).to(device)
     heads = nn.ModuleList([nn.Linear(WIDTH, 1) for _ in range(config.tasks)]).to(device)
     x = torch.randn(config.batch, WIDTH, device=device)
     y = torch.randn(config.batch, config.tasks, device=device)
     shared, head_params = params_of(trunk), params_of(heads)
+    if MTL_STEP[0] == "gramian":
+        tasks = _task_fns(heads)
+
+        def mtl_gramian() -> MTLGramian:
+            return value_and_mtl_gramian(trunk, shared, (x,), tasks, head_params, (y,))
+
+        out = mtl_gramian()
+        return _gramian_parts(
+            lambda: mtl_gramian().gramian, out.gramian, out.combine, shared, max_gib
+        )
     trunk_fn, heads_fn = _trunk_fn(trunk), _heads_fn(heads)
 
     def jacobian_fn() -> TensorDict:
@@ -375,19 +386,33 @@ def _per_sample_parts(
         return value_and_per_sample_gramian(model, params, (x,), losses_fn, (y,)).gramian
 
     out = value_and_per_sample_gramian(model, params, (x,), losses_fn, (y,))
-    m = out.gramian.shape[0]
+
+    def combine_fn(weights: Tensor) -> TensorDict:
+        return out.combine(weights.reshape(out.losses.shape))
+
+    return _gramian_parts(gramian_fn, out.gramian, combine_fn, params, max_gib)
+
+
+def _gramian_parts(
+    gramian_fn: Callable[[], Tensor],
+    square: Tensor,
+    combine_fn: Callable[[Tensor], TensorDict],
+    params: TensorDict,
+    max_gib: float,
+) -> dict[str, Step | str]:
+    """The parts of a step with no Jacobian: the Gramian ``[m, m]`` (with the forward and
+    backward passes), the weights, and the closed-form update + SGD."""
+    m = square.shape[0]
     parts: dict[str, Step | str] = {"jacobian": "n/a", "gramian": gramian_fn}
     if solver_gib(m) > max_gib:
         parts["weights"] = f"skipped: {solver_gib(m):.1f} GiB solves"
-        weights = torch.full((m,), 1 / m, device=device)
+        weights = torch.full((m,), 1 / m, device=square.device)
     else:
-        square = out.gramian
         parts["weights"] = lambda: upgrad_weights(square)
         weights = upgrad_weights(square)
     optimizer = sgd(LR)
     opt_state = optimizer.init(params)
-    shaped = weights.reshape(out.losses.shape)
-    parts["update"] = lambda: optimizer.update(out.combine(shaped), opt_state, params)
+    parts["update"] = lambda: optimizer.update(combine_fn(weights), opt_state, params)
     return parts
 
 
@@ -662,8 +687,8 @@ def report(
     if parts_rows:
         lines += ["", "Parts of our eager step, each timed on its own (median ms):", ""]
         lines += [
-            "| config | Jacobian (incl. forward) | Gramian (IWRM, IWMTL: incl. forward, backward) "
-            "| UPGrad weights | combine + SGD |",
+            "| config | Jacobian (incl. forward) | Gramian (without a Jacobian: incl. forward, "
+            "backward) | UPGrad weights | combine + SGD |",
             "|---|---|---|---|---|",
         ]
         for config, parts in parts_rows:
@@ -686,7 +711,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mtl-step",
         choices=["jacobian", "gramian"],
-        default="jacobian",
+        default="gramian",
         help="our MTL step: mtl_step (task Jacobian) or mtl_gramian_step (closed-form Gramian)",
     )
     parser.add_argument(

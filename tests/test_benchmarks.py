@@ -78,13 +78,20 @@ def test_quick_run_reports_every_step(tmp_path: Path) -> None:
 
     parts = _table(text, "config | Jacobian (incl. forward)")
     assert list(parts) == CONFIGS
-    for name, cells in parts.items():
-        if bench_steps.CONFIGS[name].kind == "mtl":
-            timed = cells
-        else:  # gramian_step has no Jacobian: its forward and backward are in the Gramian
-            assert cells[0] == "n/a"
-            timed = cells[1:]
-        assert all(math.isfinite(float(cell)) and float(cell) > 0 for cell in timed)
+    for cells in parts.values():
+        # mtl_gramian_step and gramian_step have no Jacobian: the forward and backward passes are
+        # in the Gramian.
+        assert cells[0] == "n/a"
+        assert all(math.isfinite(float(cell)) and float(cell) > 0 for cell in cells[1:])
+
+
+def test_mtl_step_option_times_the_jacobian_part() -> None:
+    bench_steps = _load_script()
+    options = ["--repeats", "2", "--warmup", "1", "--methods", "jd-eager", "--mtl-step", "jacobian"]
+    text: str = bench_steps.main(["--quick", "--configs", "mtl-m2", *options])
+    assert "MTL step jacobian" in text
+    cells = _table(text, "config | Jacobian (incl. forward)")["mtl-m2"]
+    assert all(math.isfinite(float(cell)) and float(cell) > 0 for cell in cells)
 
 
 def test_methods_option_runs_only_the_chosen_steps() -> None:
