@@ -331,6 +331,69 @@ def mgda_kkt(gramian: Tensor, alpha: Tensor) -> float:
     return max(residuals)
 
 
+def _per_sample_mlp_gramian(m: int) -> Tensor:
+    """Per-sample Gramian of an MLP on ``m`` samples, in float64 on ``DEVICE``: gradients so
+    nearly colinear that the solver's Jacobi sweeps diverge and every problem starts from 0."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 1)).to(F64)
+    x = torch.randn(m, 12, generator=gen, dtype=F64)
+    y = torch.randn(m, generator=gen, dtype=F64)
+    return reference_gramian((model,), (model(x).squeeze(1) - y) ** 2).detach().to(DEVICE)
+
+
+def test_float32_stage_identifies_then_float64_solves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU, problems that the Jacobi sweeps did not help first run PDAS in float32; the
+    float64 PDAS that follows gives KKT-exact results, equal to those without that stage."""
+    g = _per_sample_mlp_gramian(96)
+    u = torch.diag(torch.full((96,), 1.0 / 96, dtype=F64, device=DEVICE))
+    calls: list[Tensor] = []
+    stage = torchjd_func._qp._float32_stage
+
+    def spy(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
+        calls.append(args[3])  # which problems the sweeps helped
+        return stage(*args)
+
+    monkeypatch.setattr(torchjd_func._qp, "_float32_stage", spy)
+    monkeypatch.setattr(torchjd_func._qp, "_FLOAT32_STAGE_MIN", 10**9)
+    without = dual_cone_projection(u, g)
+    assert not calls
+    monkeypatch.setattr(torchjd_func._qp, "_FLOAT32_STAGE_MIN", 8)
+    with_stage = dual_cone_projection(u, g)
+    assert len(calls) == (1 if DEVICE.type == "cpu" else 0)
+    if calls:
+        assert not calls[0].any()  # the sweeps helped no problem: all went through float32
+    assert projection_kkt(reference_normalize(g, 1e-4, 1e-4), u, with_stage) <= 1e-6
+    torch.testing.assert_close(with_stage, without, rtol=1e-9, atol=1e-12)
+    # Where the sweeps helped every problem (random gradients), the stage is skipped eagerly.
+    calls.clear()
+    random = gramians(32, seed=3, scales=[1.0])[0].to(DEVICE)
+    eye = torch.eye(32, dtype=F64, device=DEVICE)
+    v = dual_cone_projection(eye, random)
+    assert not calls
+    assert projection_kkt(reference_normalize(random, 1e-4, 1e-4), eye, v) <= 1e-6
+
+
+@pytest.mark.parametrize("stage_min", [8, 10**9])
+def test_float32_stage_compiles_into_one_graph(
+    monkeypatch: pytest.MonkeyPatch, stage_min: int
+) -> None:
+    """Compiled, the stage is a second ``while_loop`` (CPU only), in the same single graph."""
+    monkeypatch.setattr(torchjd_func._qp, "_FLOAT32_STAGE_MIN", stage_min)
+    torch._dynamo.reset()
+    loops: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+        loops.append(sum(getattr(n.target, "__name__", "") == "while_loop" for n in gm.graph.nodes))
+        return gm.forward
+
+    compiled = torch.compile(upgrad_weights, fullgraph=True, backend=backend)
+    g = _per_sample_mlp_gramian(40)
+    torch.testing.assert_close(compiled(g), upgrad_weights(g), rtol=1e-9, atol=1e-12)
+    staged = stage_min <= 40 and DEVICE.type == "cpu"
+    assert loops == [2 if staged else 1]
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16, 64])
 def test_mgda_kkt(m: int) -> None:
     g = gramians(m, seed=20 + m)

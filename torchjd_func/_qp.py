@@ -21,7 +21,9 @@ the active set ``A`` through ``G⁻¹``), gathered into one batched factorisatio
 problems that have not converged (PDAS can cycle), a Mehrotra predictor-corrector interior-point
 method followed by a few PDAS "polish" steps, selected with :func:`torch.cond`. Everything runs in
 float64 on the input's device with bounded trip counts (no ``.item()``, no numpy), so the solvers
-compile with ``torch.compile(fullgraph=True)`` and work under :func:`torch.vmap`.
+compile with ``torch.compile(fullgraph=True)`` and work under :func:`torch.vmap`. (On CPUs, for
+``m ≥ 128``, the problems that the warm start did not help first run PDAS in float32 to a loose
+tolerance, which only chooses the float64 PDAS's starting point.)
 """
 
 from collections.abc import Callable
@@ -67,6 +69,14 @@ _COMPILED_LOOP: Literal["while_loop", "unroll"] = "while_loop"
 """How PDAS loops under torch.compile: a ``while_loop`` that stops once every problem has
 converged (its predicate is read on the host at each iteration), or ``pdas_iters`` unrolled steps
 (no host read, more work). A knob for measurements on GPUs (``benchmarks/probe_cuda_qp.py``)."""
+_FLOAT32_STAGE_MIN = 128
+"""On CPUs, from this m on, problems that the Jacobi sweeps did not help (every problem on the
+per-sample Gramians of an MLP, whose gradients are nearly colinear) first run PDAS in float32 to
+``_FLOAT32_RTOL`` (:func:`_float32_stage`): LAPACK's float32 factorisations, gathers and copies
+cost less, and the float64 PDAS then usually needs one step. Measured with one thread on IWRM
+Gramians: 18% less time eagerly and 10% compiled at m = 128, slower at m = 64 (docs/qp.md); the
+values are those of the float64 PDAS alone (tested)."""
+_FLOAT32_RTOL = 1e-5
 _COMPACT_ELEMENTS = 2**16
 """Eagerly, PDAS steps gather only the unconverged problems when all the systems together hold at
 least this many elements (e.g. k = m ≥ 64)."""
@@ -549,7 +559,7 @@ def _fallback(
     return torch.where(better[..., None], polished, y)
 
 
-def _jacobi_start(gramian: Tensor, c: Tensor, sweeps: int) -> Tensor:
+def _jacobi_start(gramian: Tensor, c: Tensor, sweeps: int) -> tuple[Tensor, Tensor]:
     """A starting point for PDAS: ``sweeps`` damped projected Jacobi steps from ``y = 0``.
 
     ``y ← max(0, y − ω (Gy + c) / diag(G))``, ``ω = 0.67``: one product with ``G`` per sweep for all
@@ -559,6 +569,10 @@ def _jacobi_start(gramian: Tensor, c: Tensor, sweeps: int) -> Tensor:
     PDAS had to solve by ~4 at m = 128 (``docs/qp.md``); where it does not help it costs the
     sweeps only. Problems whose objective ``½yᵀGy + cᵀy`` did not decrease below that of ``y = 0``
     (the damped iteration can diverge when the gradients are nearly colinear) start from 0.
+
+    Returns:
+        The starting points ``[..., k, m]``, and which problems start from the sweeps rather than
+        from 0 ``[..., k]``.
     """
     # In float32: only the free set matters, and the products cost half.
     g32, c32 = gramian.float(), c.float()
@@ -567,7 +581,38 @@ def _jacobi_start(gramian: Tensor, c: Tensor, sweeps: int) -> Tensor:
     for _ in range(sweeps):
         y = torch.addcmul(y, y @ g32 + c32, step).clamp_min(0.0)
     objective = (y * (0.5 * (y @ g32) + c32)).sum(dim=-1, keepdim=True)
-    return torch.where(objective < 0, y, torch.zeros_like(y)).to(c.dtype)
+    accepted = objective < 0
+    return torch.where(accepted, y, torch.zeros_like(y)).to(c.dtype), accepted[..., 0]
+
+
+def _float32_stage(
+    gramian: Tensor, c: Tensor, y0: Tensor, accepted: Tensor, iters: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PDAS in float32 to a loose tolerance, for the problems that the Jacobi sweeps did not help
+    (``~accepted``); the others keep ``y0``. A cheaper identification of the active sets, whose
+    result starts the float64 PDAS (returns its ``y, w, residual`` in float64)."""
+    g32, c32 = gramian.float(), c.float()
+    inverse = _inverse(g32)
+    reduced = partial(_reduced_solve, g32, inverse, _padded_pair(g32, inverse))
+    w32, _ = _residual(g32, c32, y0.float())
+    # Problems started from the sweeps count as converged here: they are frozen at y0.
+    unsolved = torch.where(accepted, 0.0, torch.inf).to(c32.dtype)
+    tolerance = torch.full_like(unsolved, _FLOAT32_RTOL)
+    y32, _ = _pdas(
+        g32,
+        c32,
+        y0.float(),
+        w32,
+        y0.float(),
+        unsolved,
+        iters,
+        solve=reduced,
+        rtol=tolerance,
+        loop="early_exit",
+    )
+    y = y32.to(c.dtype)
+    w, res = _residual(gramian, c, y)
+    return y, w, res
 
 
 def _search(
@@ -581,7 +626,7 @@ def _search(
 ) -> Tensor:
     """PDAS, then the fallback where needed (see :func:`solve_box_qp`), without autograd."""
     with torch.no_grad():
-        y0 = _jacobi_start(g_search, c_search, _JACOBI_SWEEPS)
+        y0, accepted = _jacobi_start(g_search, c_search, _JACOBI_SWEEPS)
         w0, res0 = _residual(g_search, c_search, y0)
         tolerance = torch.full_like(res0, rtol)
         # Under vmap the convergence test is batched: there is no early exit, and torch.cond
@@ -590,6 +635,17 @@ def _search(
         # operands of dynamic shapes, and the scans, whose batching rule fails on symbolic sizes
         # under torch.compile (torch 2.13).
         vmapped = is_batchedtensor(res0)
+        loop: Literal["unroll", "early_exit"] = (
+            "unroll" if fallback == "always" or vmapped else "early_exit"
+        )
+        if (
+            loop == "early_exit"
+            and g_search.device.type == "cpu"
+            and g_search.shape[-1] >= _FLOAT32_STAGE_MIN
+            # Eagerly, skipped when the sweeps helped every problem (one more host read).
+            and (torch.compiler.is_compiling() or not bool(accepted.all()))
+        ):
+            y0, w0, res0 = _float32_stage(g_search, c_search, y0, accepted, pdas_iters)
         inverse = _inverse(g_search)
         reduced = partial(_reduced_solve, g_search, inverse, _padded_pair(g_search, inverse))
         # The starting point is not a candidate: only a PDAS solve gives an exact solution (the
@@ -605,7 +661,7 @@ def _search(
             pdas_iters,
             solve=reduced,
             rtol=tolerance,
-            loop="unroll" if fallback == "always" or vmapped else "early_exit",
+            loop=loop,
         )
         converged = res <= rtol
         operands = (g_search, c_search, y, res, converged, tolerance)
@@ -636,7 +692,9 @@ def solve_box_qp(
     """Solve the batched LCP ``y ≥ 0, Gy + c ≥ 0, yᵀ(Gy + c) = 0`` (``min ½yᵀGy + cᵀy, y ≥ 0``).
 
     First at most ``pdas_iters`` PDAS steps (from the free set of a few damped projected Jacobi
-    sweeps) with best-iterate tracking; a problem has converged when
+    sweeps; on CPUs, for ``m ≥ 128``, problems that the sweeps did not help start from up to
+    ``pdas_iters`` float32 PDAS steps instead) with best-iterate tracking; a problem has
+    converged when
     its relative natural residual ``‖min(y, Gy + c)‖∞ / (‖c‖∞ + max_i Σ_j |G_ij y_j|)`` is at most
     ``rtol``, and is then frozen. Each step solves every unconverged problem on its current free
     set ``F`` (complement ``A``) with a system of size ``min(|F|, |A|) ≤ m // 2``: ``G_FF``, or
