@@ -349,9 +349,9 @@ def test_float32_stage_identifies_then_float64_solves(monkeypatch: pytest.Monkey
     calls: list[Tensor] = []
     stage = torchjd_func._qp._float32_stage
 
-    def spy(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
-        calls.append(args[3])  # which problems the sweeps helped
-        return stage(*args)
+    def spy(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
+        calls.append(args[5])  # which problems the sweeps helped
+        return stage(*args, **kwargs)
 
     monkeypatch.setattr(torchjd_func._qp, "_float32_stage", spy)
     monkeypatch.setattr(torchjd_func._qp, "_FLOAT32_STAGE_MIN", 10**9)
@@ -377,20 +377,21 @@ def test_float32_stage_identifies_then_float64_solves(monkeypatch: pytest.Monkey
 def test_float32_stage_compiles_into_one_graph(
     monkeypatch: pytest.MonkeyPatch, stage_min: int
 ) -> None:
-    """Compiled, the stage is a second ``while_loop`` (CPU only), in the same single graph."""
+    """Compiled, the stage is a second :func:`torch.cond` (CPU only; skipped when the sweeps
+    helped every problem), in the same single graph."""
     monkeypatch.setattr(torchjd_func._qp, "_FLOAT32_STAGE_MIN", stage_min)
     torch._dynamo.reset()
-    loops: list[int] = []
+    conds: list[int] = []
 
     def backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
-        loops.append(sum(getattr(n.target, "__name__", "") == "while_loop" for n in gm.graph.nodes))
+        conds.append(sum(getattr(n.target, "__name__", "") == "cond" for n in gm.graph.nodes))
         return gm.forward
 
     compiled = torch.compile(upgrad_weights, fullgraph=True, backend=backend)
     g = _per_sample_mlp_gramian(40)
     torch.testing.assert_close(compiled(g), upgrad_weights(g), rtol=1e-9, atol=1e-12)
     staged = stage_min <= 40 and DEVICE.type == "cpu"
-    assert loops == [2 if staged else 1]
+    assert conds == [2 if staged else 1]
     torch._dynamo.reset()
 
 
