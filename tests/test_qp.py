@@ -373,6 +373,45 @@ def test_float32_stage_identifies_then_float64_solves(monkeypatch: pytest.Monkey
     assert projection_kkt(reference_normalize(random, 1e-4, 1e-4), eye, v) <= 1e-6
 
 
+def test_float32_stage_leaves_alone_what_float32_cannot_factor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A singular Gramian (duplicated gradients, no regularisation) gets float64's ridge, which
+    float32 cannot resolve: the stage then takes no float32 step, and the result is unchanged."""
+    gen = torch.Generator().manual_seed(5)
+    j = torch.randn(10, 40, generator=gen, dtype=F64)
+    g = torch.cat([j, j, -j, 2 * j]) @ torch.cat([j, j, -j, 2 * j]).T  # [40, 40], rank 10
+    g = g.to(DEVICE)
+    eye = torch.eye(40, dtype=F64, device=DEVICE)
+    steps: list[torch.dtype] = []  # one per PDAS step outside the fallback
+    reduced_solve = torchjd_func._qp._reduced_solve
+
+    def spy(*args: Any, **kwargs: Any) -> Tensor:
+        steps.append(args[0].dtype)
+        return reduced_solve(*args, **kwargs)
+
+    stages: list[Tensor] = []
+    stage = torchjd_func._qp._float32_stage
+
+    def stage_spy(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
+        stages.append(args[5])
+        return stage(*args, **kwargs)
+
+    monkeypatch.setattr(torchjd_func._qp, "_reduced_solve", spy)
+    monkeypatch.setattr(torchjd_func._qp, "_float32_stage", stage_spy)
+    monkeypatch.setattr(torchjd_func._qp, "_FLOAT32_STAGE_MIN", 10**9)
+    without = dual_cone_projection(eye, g, reg_eps=0.0)
+    monkeypatch.setattr(torchjd_func._qp, "_FLOAT32_STAGE_MIN", 8)
+    steps.clear()
+    with_stage = dual_cone_projection(eye, g, reg_eps=0.0)
+    if DEVICE.type == "cpu":
+        assert len(stages) == 1
+        assert not stages[0].all()  # some problems were left to the stage...
+    assert torch.float32 not in steps  # ...which took no float32 step
+    assert steps  # the float64 PDAS ran
+    torch.testing.assert_close(with_stage, without, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("stage_min", [8, 10**9])
 def test_float32_stage_compiles_into_one_graph(
     monkeypatch: pytest.MonkeyPatch, stage_min: int

@@ -75,13 +75,16 @@ _FLOAT32_STAGE_MAX = 256
 the per-sample Gramians of an MLP, whose gradients are nearly colinear) first run PDAS in float32
 to ``_FLOAT32_RTOL`` (:func:`_float32_stage`): LAPACK's float32 factorisations, gathers and
 copies cost less, and the float64 PDAS then usually needs one step. Measured with one thread on
-IWRM Gramians: 18-24% less time eagerly at m = 128 and 256, 10% compiled at m = 128; slower at
-m = 64, and compiled at m = 512, where the float64 PDAS after it still takes one full step and
-the compiled loops cannot skip converged problems (docs/qp.md). The values are those of the
-float64 PDAS alone (tested)."""
+IWRM Gramians: 8-26% less time eagerly at m = 128 and 256, ~10% compiled at m = 128 (solve
+alone); slower at m = 64, and compiled at m = 512, where the float64 PDAS after it still takes
+one full step and the compiled loops cannot skip converged problems (docs/qp.md). The values are
+those of the float64 PDAS alone (tested)."""
 _FLOAT32_RTOL = 1e-3
 """Float32 reaches ~1e-6 on these problems, but not on every one beyond m = 256 (rounding makes
 a few cycle): a loose tolerance ends the stage as soon as the active sets are about right."""
+_FLOAT32_ITERS = 5
+"""At most this many float32 steps (4 sufficed at m = 128 and 256 on IWRM Gramians), which
+bounds the time lost where float32 cannot converge (e.g. an unregularised, ill-conditioned G)."""
 _COMPACT_ELEMENTS = 2**16
 """Eagerly, PDAS steps gather only the unconverged problems when all the systems together hold at
 least this many elements (e.g. k = m ≥ 64)."""
@@ -617,8 +620,11 @@ def _float32_stage(
     inverse = _inverse(g32)
     reduced = partial(_reduced_solve, g32, inverse, _padded_pair(g32, inverse))
     w32, _ = _residual(g32, c32, y0.float())
-    # Problems started from the sweeps count as converged here: they are frozen at y0.
-    unsolved = torch.where(accepted, 0.0, torch.inf).to(c32.dtype)
+    # Problems started from the sweeps count as converged here: they are frozen at y0. So are
+    # those whose Gramian float32 cannot factor (nearly singular: it would only yield NaN).
+    factored = torch.linalg.cholesky_ex(g32)[1] == 0
+    frozen = accepted | ~factored[..., None]
+    unsolved = torch.where(frozen, 0.0, torch.inf).to(c32.dtype)
     tolerance = torch.full_like(unsolved, _FLOAT32_RTOL)
     y32, _ = _pdas(
         g32,
@@ -627,7 +633,7 @@ def _float32_stage(
         w32,
         y0.float(),
         unsolved,
-        iters,
+        min(iters, _FLOAT32_ITERS),
         solve=reduced,
         rtol=tolerance,
         loop="early_exit",
