@@ -412,6 +412,21 @@ def test_float32_stage_leaves_alone_what_float32_cannot_factor(
     torch.testing.assert_close(with_stage, without, rtol=0, atol=0, equal_nan=True)
 
 
+def test_float32_stage_gives_the_same_values_in_every_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the stage, the early exit ("cond"), fixed loops ("always") and vmap agree bit for bit,
+    as they do without it (the stage's unconverged problems are frozen alike in every mode)."""
+    monkeypatch.setattr(torchjd_func._qp, "_FLOAT32_STAGE_MIN", 8)
+    g = normalize_regularize(_per_sample_mlp_gramian(40))
+    c = torch.cat([g, -g[:3]])  # UPGrad's rows, and three more
+    early_exit = solve_box_qp(g, c)
+    fixed = solve_box_qp(g, c, fallback="always")
+    torch.testing.assert_close(fixed, early_exit, rtol=0, atol=0)
+    vmapped = torch.vmap(solve_box_qp, in_dims=(None, 0))(g, c[:, None])[:, 0]
+    torch.testing.assert_close(vmapped, early_exit, rtol=1e-9, atol=1e-12)
+    lcp_w = early_exit @ g + c
+    assert (torch.minimum(early_exit, lcp_w).abs().amax() / c.abs().amax()) <= 1e-9
+
+
 @pytest.mark.parametrize("stage_min", [8, 10**9])
 def test_float32_stage_compiles_into_one_graph(
     monkeypatch: pytest.MonkeyPatch, stage_min: int

@@ -611,6 +611,7 @@ def _float32_stage(
     accepted: Tensor,
     *,
     iters: int,
+    loop: Literal["unroll", "early_exit"],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """PDAS in float32 to a loose tolerance, for the problems that the Jacobi sweeps did not help
     (``~accepted``); the others keep ``y0``. A cheaper identification of the active sets, whose
@@ -636,7 +637,7 @@ def _float32_stage(
         min(iters, _FLOAT32_ITERS),
         solve=reduced,
         rtol=tolerance,
-        loop="early_exit",
+        loop=loop,
     )
     y = y32.to(c.dtype)
     w, res = _residual(gramian, c, y)
@@ -667,14 +668,17 @@ def _search(
             "unroll" if fallback == "always" or vmapped else "early_exit"
         )
         if (
-            loop == "early_exit"
-            and g_search.device.type == "cpu"
+            g_search.device.type == "cpu"
             and _FLOAT32_STAGE_MIN <= g_search.shape[-1] <= _FLOAT32_STAGE_MAX
         ):
-            # Skipped when the sweeps helped every problem (one more host read): compiled, its
-            # set-up alone measured ~25% of the solve on such Gramians at m = 128.
-            stage = partial(_float32_stage, iters=pdas_iters)
-            if torch.compiler.is_compiling():
+            # With the early exit, skipped when the sweeps helped every problem (one more host
+            # read): compiled, its set-up alone measured ~25% of the solve on such Gramians at
+            # m = 128. With unrolled loops it always runs (no host read), so that every mode
+            # gives the same values (the problems it does not solve keep y0 exactly).
+            stage = partial(_float32_stage, iters=pdas_iters, loop=loop)
+            if loop == "unroll":
+                y0, w0, res0 = stage(g_search, c_search, y0, w0, res0, accepted)
+            elif torch.compiler.is_compiling():
                 stage_operands = (g_search, c_search, y0, w0, res0, accepted)
                 y0, w0, res0 = torch.cond(accepted.all(), _no_stage, stage, stage_operands)
             elif not bool(accepted.all()):
