@@ -22,8 +22,8 @@ problems that have not converged (PDAS can cycle), a Mehrotra predictor-correcto
 method followed by a few PDAS "polish" steps, selected with :func:`torch.cond`. Everything runs in
 float64 on the input's device with bounded trip counts (no ``.item()``, no numpy), so the solvers
 compile with ``torch.compile(fullgraph=True)`` and work under :func:`torch.vmap`. (On CPUs, for
-``128 ≤ m ≤ 256``, the problems that the warm start did not help first run PDAS in float32 to a loose
-tolerance, which only chooses the float64 PDAS's starting point.)
+``128 ≤ m ≤ 256``, the problems that the warm start did not help first run PDAS in float32 to a
+loose tolerance, which only chooses the float64 PDAS's starting point.)
 """
 
 from collections.abc import Callable
@@ -310,6 +310,12 @@ def _reduced_solve(
 
 Solve = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 """``solve(c, free, rows) -> y``: ``G_FF y_F = −c_F``, ``y = 0`` off F (see :func:`_reduced_solve`)."""
+
+
+def _reduced_solver(gramian: Tensor) -> Solve:
+    """:func:`_reduced_solve` bound to ``G``, its inverse and their padded pair."""
+    inverse = _inverse(gramian)
+    return partial(_reduced_solve, gramian, inverse, _padded_pair(gramian, inverse))
 
 
 def _repeat(
@@ -618,8 +624,7 @@ def _float32_stage(
     result starts the float64 PDAS (returns its ``y, w, residual`` in float64; ``w0`` and
     ``res0``, those of ``y0``, are unused: :func:`_no_stage` takes the same operands)."""
     g32, c32 = gramian.float(), c.float()
-    inverse = _inverse(g32)
-    reduced = partial(_reduced_solve, g32, inverse, _padded_pair(g32, inverse))
+    reduced = _reduced_solver(g32)
     w32, _ = _residual(g32, c32, y0.float())
     # Problems started from the sweeps count as converged here: they are frozen at y0. So are
     # those whose Gramian float32 cannot factor (nearly singular: it would only yield NaN).
@@ -683,8 +688,7 @@ def _search(
                 y0, w0, res0 = torch.cond(accepted.all(), _no_stage, stage, stage_operands)
             elif not bool(accepted.all()):
                 y0, w0, res0 = stage(g_search, c_search, y0, w0, res0, accepted)
-        inverse = _inverse(g_search)
-        reduced = partial(_reduced_solve, g_search, inverse, _padded_pair(g_search, inverse))
+        reduced = _reduced_solver(g_search)
         # The starting point is not a candidate: only a PDAS solve gives an exact solution (the
         # Jacobi iterate can have a small residual and still be ~κ·rtol away from it).
         unsolved = torch.full_like(res0, torch.inf)
@@ -730,8 +734,7 @@ def solve_box_qp(
 
     First at most ``pdas_iters`` PDAS steps (from the free set of a few damped projected Jacobi
     sweeps; on CPUs, for ``128 ≤ m ≤ 256``, problems that the sweeps did not help start from up to
-    ``pdas_iters`` float32 PDAS steps instead) with best-iterate tracking; a problem has
-    converged when
+    5 float32 PDAS steps instead) with best-iterate tracking; a problem has converged when
     its relative natural residual ``‖min(y, Gy + c)‖∞ / (‖c‖∞ + max_i Σ_j |G_ij y_j|)`` is at most
     ``rtol``, and is then frozen. Each step solves every unconverged problem on its current free
     set ``F`` (complement ``A``) with a system of size ``min(|F|, |A|) ≤ m // 2``: ``G_FF``, or
