@@ -191,14 +191,20 @@ def test_projection_kkt_large(m: int) -> None:
     assert projection_kkt(reference_normalize(g, 1e-4, 1e-4), u, v) <= 1e-6
 
 
+def _per_sample_mlp_gramian(m: int) -> Tensor:
+    """Per-sample Gramian of an MLP on ``m`` samples, in float64 on ``DEVICE``: gradients so
+    nearly colinear that the solver's Jacobi sweeps diverge and every problem starts from 0."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 1)).to(F64)
+    x = torch.randn(m, 12, generator=gen, dtype=F64)
+    y = torch.randn(m, generator=gen, dtype=F64)
+    return reference_gramian((model,), (model(x).squeeze(1) - y) ** 2).detach().to(DEVICE)
+
+
 def test_projection_kkt_on_per_sample_gramian_of_an_mlp() -> None:
     """A Gramian as IWRM sees it (per-sample gradients of an MLP, 96 samples): on these the
     warm start of the active-set method helps least, so they exercise its later iterations."""
-    gen = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 1)).to(F64)
-    x = torch.randn(96, 12, generator=gen, dtype=F64)
-    y = torch.randn(96, generator=gen, dtype=F64)
-    g = reference_gramian((model,), (model(x).squeeze(1) - y) ** 2).detach().to(DEVICE)
+    g = _per_sample_mlp_gramian(96)
     u = torch.diag(torch.full((96,), 1.0 / 96, dtype=F64, device=DEVICE))
     v = dual_cone_projection(u, g)
     assert projection_kkt(reference_normalize(g, 1e-4, 1e-4), u, v) <= 1e-6
@@ -329,16 +335,6 @@ def mgda_kkt(gramian: Tensor, alpha: Tensor) -> float:
         float((a * (ga - lam)).abs().max()) / scale,
     ]
     return max(residuals)
-
-
-def _per_sample_mlp_gramian(m: int) -> Tensor:
-    """Per-sample Gramian of an MLP on ``m`` samples, in float64 on ``DEVICE``: gradients so
-    nearly colinear that the solver's Jacobi sweeps diverge and every problem starts from 0."""
-    gen = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 1)).to(F64)
-    x = torch.randn(m, 12, generator=gen, dtype=F64)
-    y = torch.randn(m, generator=gen, dtype=F64)
-    return reference_gramian((model,), (model(x).squeeze(1) - y) ** 2).detach().to(DEVICE)
 
 
 def test_float32_stage_identifies_then_float64_solves(monkeypatch: pytest.MonkeyPatch) -> None:
