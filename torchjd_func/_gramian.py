@@ -38,6 +38,11 @@ def _check_jacobian(jac: object) -> dict[tuple[str, ...], Tensor]:
     return found
 
 
+def _accumulation(leaf: Tensor) -> torch.dtype:
+    """The dtype to reduce ``leaf`` in: its own, and at least float32 (float16 sums overflow)."""
+    return torch.promote_types(leaf.dtype, torch.float32)
+
+
 def gramian(jac: TensorDictBase) -> Gramian:
     """The (generalized) Gramian of a Jacobian TensorDict.
 
@@ -48,7 +53,9 @@ def gramian(jac: TensorDictBase) -> Gramian:
     ``[B, m, m, B]``, as TorchJD's autogram engine gave it (seed 000); for a scalar loss it is the
     0-d squared gradient norm. :func:`flatten_gramian` turns it into a square matrix.
 
-    The sum runs leaf by leaf (``J_leaf J_leafᵀ``), in the promoted dtype of the leaves.
+    The sum runs leaf by leaf (``J_leaf J_leafᵀ``), in the promoted dtype of the leaves and at
+    least float32: float16 and bfloat16 leaves are accumulated, and returned, in float32, since
+    ``‖∇L_i‖²`` overflows float16 once it exceeds 65504. Non-finite entries propagate.
 
     Args:
         jac: A Jacobian TensorDict, leaves ``[*s, *param.shape]``, ``batch_size = s``.
@@ -58,7 +65,8 @@ def gramian(jac: TensorDictBase) -> Gramian:
 
     Raises:
         TypeError: ``jac`` is not a TensorDict.
-        ValueError: ``jac`` has no leaf or its leaves are on several devices.
+        ValueError: ``jac`` has no leaf, no row (a loss shape with a 0) or leaves on several
+            devices.
 
     Example:
         >>> import torch
@@ -72,7 +80,12 @@ def gramian(jac: TensorDictBase) -> Gramian:
     found = _check_jacobian(jac)
     loss_shape = jac.batch_size
     n_rows = loss_shape.numel()
-    dtype = found[next(iter(found))].dtype
+    if n_rows == 0:
+        raise ValueError(
+            f"The Jacobian has no row (batch_size {list(loss_shape)}): there is no loss to take "
+            "the Gramian of. Give at least one loss."
+        )
+    dtype = torch.float32
     for leaf in found.values():
         dtype = torch.promote_types(dtype, leaf.dtype)
     flat: Tensor | None = None
@@ -173,11 +186,14 @@ def combine(jac: TensorDictBase, weights: Weights) -> TensorDict:
 
     Args:
         jac: A Jacobian TensorDict, leaves ``[*s, *param.shape]``.
-        weights: Weights of shape ``s`` (``jac.batch_size``), on the Jacobian's device; they are
-            cast to each leaf's dtype.
+        weights: Weights of shape ``s`` (``jac.batch_size``), on the Jacobian's device, of any
+            floating dtype (e.g. float32 weights of a float16 Jacobian).
 
     Returns:
-        A TensorDict with ``batch_size=[]`` and leaves ``param.shape``.
+        A TensorDict with ``batch_size=[]`` and leaves ``param.shape``, each in its leaf's dtype.
+        The sum runs in at least float32 (float16 and bfloat16 leaves are cast up, then the
+        result back), so it overflows only if the update itself does. Non-finite entries
+        propagate.
 
     Raises:
         TypeError: ``jac`` is not a TensorDict or ``weights`` is not a Tensor.
@@ -206,7 +222,10 @@ def combine(jac: TensorDictBase, weights: Weights) -> TensorDict:
         )
     k = weights.ndim
     combined = {
-        key: torch.tensordot(weights.to(leaf.dtype), leaf, dims=k) for key, leaf in found.items()
+        key: torch.tensordot(
+            weights.to(_accumulation(leaf)), leaf.to(_accumulation(leaf)), dims=k
+        ).to(leaf.dtype)
+        for key, leaf in found.items()
     }
     return from_leaves(combined, batch_size=[])
 
@@ -226,7 +245,8 @@ def inner_products(jac: TensorDictBase, direction: TensorDictBase) -> Tensor:
             :func:`combine`).
 
     Returns:
-        A tensor of the losses' shape ``s``.
+        A tensor of the losses' shape ``s``, in the promoted dtype of the leaves and at least
+        float32 (as :func:`gramian`). Non-finite entries propagate.
 
     Raises:
         ValueError: the keys or shapes of ``direction`` do not match the Jacobian's.
@@ -257,7 +277,8 @@ def inner_products(jac: TensorDictBase, direction: TensorDictBase) -> Tensor:
                 f"`direction[{dotted(key)!r}]` has shape {list(d.shape)}, expected "
                 f"{list(leaf.shape[k:])}."
             )
-        term = torch.tensordot(leaf, d.to(leaf.dtype), dims=d.ndim)
+        dtype = _accumulation(leaf)
+        term = torch.tensordot(leaf.to(dtype), d.to(dtype), dims=d.ndim)
         total = term if total is None else total + term
     assert total is not None  # _check_jacobian guarantees a leaf
     return total

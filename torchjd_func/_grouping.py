@@ -67,6 +67,11 @@ def _from_mapping(keys: list[LeafKey], mapping: Mapping[str, Iterable[str | Leaf
     owner: dict[LeafKey, str] = {}
     groups: Groups = {}
     for name, selectors in mapping.items():
+        if isinstance(selectors, str):
+            raise TypeError(
+                f"Group {name!r} must be given a list of keys, got {selectors!r}: write "
+                f"[{selectors!r}]."
+            )
         members: list[LeafKey] = []
         for selector in selectors:
             prefix = _as_key(selector)
@@ -84,6 +89,11 @@ def _from_mapping(keys: list[LeafKey], mapping: Mapping[str, Iterable[str | Leaf
                     )
                 owner[key] = name
                 members.append(key)
+        if not members:
+            raise ValueError(
+                f"Group {name!r} is empty: give it at least one parameter or module key, or "
+                "leave it out of the mapping."
+            )
         groups[name] = tuple(members)
     missing = [dotted(key) for key in keys if key not in owner]
     if missing:
@@ -107,9 +117,10 @@ def group_params(params: TensorDictBase, strategy: GroupingStrategy) -> Groups:
         ``{group name: (leaf key, ...)}``, covering every leaf exactly once, in the params' order.
 
     Raises:
-        TypeError: ``params`` is not a TensorDict, or the strategy is of an unknown kind.
-        ValueError: ``params`` is empty, an unknown strategy name, a key that names nothing, or a
-            parameter in no group or in two.
+        TypeError: ``params`` is not a TensorDict, the strategy is of an unknown kind, or a
+            mapping gives a group one key instead of a list of keys.
+        ValueError: ``params`` is empty, an unknown strategy name, an empty group, a key that
+            names nothing, or a parameter in no group or in two.
 
     Example:
         >>> import torch

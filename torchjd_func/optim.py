@@ -5,8 +5,14 @@ An optimizer is a pair ``(init, update)``: ``init(params) -> state`` and
 TensorDicts with the same keys and the state is a NamedTuple of tensors and TensorDicts (its step
 counter is a 0-d tensor, so a compiled training step does not recompile as it grows). The update
 rules are those of ``torch.optim.SGD`` and ``torch.optim.Adam`` (tested against them).
+
+Parameters and state keep the parameters' dtype: gradients are cast to it first, as autograd
+does for ``.grad`` before ``torch.optim`` reads it. Non-finite gradients propagate into the new
+parameters and state (no host sync to check them); the steps of :mod:`torchjd_func.step` select
+the old ones in that case.
 """
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -47,15 +53,74 @@ class AdamState(NamedTuple):
 
 
 def _check_hyperparameter(value: float, name: str, upper: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise TypeError(f"`{name}` must be a float, got {value!r}.")
-    if value < 0 or (upper is not None and value >= upper):
-        bound = f"in [0, {upper:g})" if upper is not None else "non-negative"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a real number (a Python float), got {value!r}.")
+    bound = f"in [0, {upper:g})" if upper is not None else "finite and non-negative"
+    if not math.isfinite(value) or value < 0 or (upper is not None and value >= upper):
         raise ValueError(f"`{name}` must be {bound}, got {value}.")
     return float(value)
 
 
+def _check_betas(betas: object) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)):
+        raise TypeError(f"`betas` must be a pair (beta1, beta2), got {betas!r}.")
+    if len(betas) != 2:
+        raise ValueError(
+            f"`betas` must be a pair (beta1, beta2), e.g. (0.9, 0.999), got {len(betas)} values: "
+            f"{betas!r}."
+        )
+    return (
+        _check_hyperparameter(betas[0], "betas[0]", upper=1.0),
+        _check_hyperparameter(betas[1], "betas[1]", upper=1.0),
+    )
+
+
+def _check_tensordict(value: object, name: str) -> TensorDictBase:
+    if not isinstance(value, TensorDictBase):
+        raise TypeError(
+            f"`{name}` must be a TensorDict, got {type(value).__name__}: wrap a dict of tensors "
+            f"as `TensorDict({name})`."
+        )
+    if not leaves(value):
+        raise ValueError(f"`{name}` is empty: give at least one parameter.")
+    return value
+
+
+def _check_state(
+    state: object, kind: type[tuple[Any, ...]], buffers: tuple[str, ...], params: TensorDictBase
+) -> None:
+    """``state`` must be what ``init(params)`` of this optimizer returns (up to values)."""
+    fix = "build it with this optimizer's `init(params)`"
+    if not isinstance(state, kind):
+        raise TypeError(f"`state` must be a {kind.__name__}, got {type(state).__name__}: {fix}.")
+    steps = state.steps  # type: ignore[attr-defined]
+    if not isinstance(steps, Tensor) or steps.ndim != 0 or steps.is_floating_point():
+        raise ValueError(f"`state.steps` must be a 0-d integer tensor, got {steps!r}: {fix}.")
+    param_leaves = leaves(params)
+    for name in buffers:
+        buffer = getattr(state, name)
+        if not isinstance(buffer, TensorDictBase):
+            raise TypeError(f"`state.{name}` must be a TensorDict, got {type(buffer).__name__}.")
+        found = leaves(buffer)
+        if set(found) != set(param_leaves):
+            raise ValueError(
+                f"`state.{name}` does not have the keys of the params (only in the state: "
+                f"{sorted(map(dotted, set(found) - set(param_leaves)))}, only in the params: "
+                f"{sorted(map(dotted, set(param_leaves) - set(found)))}): {fix}."
+            )
+        for key, param in param_leaves.items():
+            value = found[key]
+            if (value.shape, value.dtype, value.device) != (param.shape, param.dtype, param.device):
+                raise ValueError(
+                    f"`state.{name}[{dotted(key)!r}]` is {list(value.shape)} {value.dtype} on "
+                    f"{value.device}, but the parameter is {list(param.shape)} {param.dtype} on "
+                    f"{param.device}: {fix}."
+                )
+
+
 def _check_same_keys(grads: TensorDictBase, params: TensorDictBase) -> None:
+    _check_tensordict(grads, "grads")
+    _check_tensordict(params, "params")
     grad_keys = set(grads.keys(include_nested=True, leaves_only=True))
     param_keys = set(params.keys(include_nested=True, leaves_only=True))
     if grad_keys != param_keys:
@@ -98,7 +163,11 @@ def _map_lists(
 
 
 def _zeros_like(params: TensorDictBase) -> TensorDict:
-    return _map(lambda p: torch.zeros_like(p.detach()), params)
+    return _map(lambda p: torch.zeros_like(p.detach()), _check_tensordict(params, "params"))
+
+
+def _cast_like(grads: TensorDictBase, params: TensorDictBase) -> TensorDict:
+    return _map(lambda g, p: g.to(p.dtype), grads, params)
 
 
 def sgd(
@@ -123,6 +192,12 @@ def sgd(
         dampening: Dampening ``τ`` of the momentum.
         weight_decay: L2 penalty ``λ``.
         nesterov: Nesterov momentum.
+
+    Raises:
+        TypeError: a hyperparameter that is not a real number; at update, ``grads``, ``params``
+            or ``state`` of the wrong type (e.g. a dict, or the state of another optimizer).
+        ValueError: a non-finite or negative hyperparameter, Nesterov without momentum or with
+            dampening; at update, empty params, or grads or state not matching the params.
 
     Example:
         >>> import torch
@@ -149,7 +224,8 @@ def sgd(
         grads: TensorDictBase, state: SGDState, params: TensorDictBase
     ) -> tuple[TensorDict, SGDState]:
         _check_same_keys(grads, params)
-        decayed = grads
+        _check_state(state, SGDState, ("momentum",), params)
+        decayed = grads = _cast_like(grads, params)
         if weight_decay:
             decayed = _map_lists(
                 lambda g, p: torch._foreach_add(g, p, alpha=weight_decay), grads, params
@@ -208,6 +284,12 @@ def adam(
         eps: Added to the denominator.
         weight_decay: L2 penalty added to the gradient (Adam, not AdamW).
 
+    Raises:
+        TypeError: a hyperparameter that is not a real number; at update, ``grads``, ``params``
+            or ``state`` of the wrong type (e.g. a dict, or the state of another optimizer).
+        ValueError: a non-finite or out-of-range hyperparameter, ``betas`` not a pair; at update,
+            empty params, or grads or state not matching the params.
+
     Example:
         >>> import torch
         >>> from tensordict import TensorDict
@@ -219,8 +301,7 @@ def adam(
         tensor([0.9000, 0.9000])
     """
     lr = _check_hyperparameter(lr, "lr")
-    beta1 = _check_hyperparameter(betas[0], "betas[0]", upper=1.0)
-    beta2 = _check_hyperparameter(betas[1], "betas[1]", upper=1.0)
+    beta1, beta2 = _check_betas(betas)
     eps = _check_hyperparameter(eps, "eps")
     weight_decay = _check_hyperparameter(weight_decay, "weight_decay")
 
@@ -232,7 +313,8 @@ def adam(
         grads: TensorDictBase, state: AdamState, params: TensorDictBase
     ) -> tuple[TensorDict, AdamState]:
         _check_same_keys(grads, params)
-        decayed = grads
+        _check_state(state, AdamState, ("mu", "nu"), params)
+        decayed = grads = _cast_like(grads, params)
         if weight_decay:
             decayed = _map_lists(
                 lambda g, p: torch._foreach_add(g, p, alpha=weight_decay), grads, params

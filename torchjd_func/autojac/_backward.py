@@ -20,6 +20,12 @@ def _cotangents(
     tensors: list[Tensor], given: Sequence[Tensor] | Tensor | None, name: str
 ) -> list[Tensor]:
     if given is None:
+        if sum(t.numel() for t in tensors) == 0:
+            raise ValueError(
+                f"The tensors to differentiate have no element (shapes "
+                f"{[list(t.shape) for t in tensors]}): there is no row to compute. Give at least "
+                "one loss."
+            )
         return identity_cotangents(tensors)
     rows = as_tensors(given, name)
     if len(rows) != len(tensors):
@@ -37,6 +43,8 @@ def _cotangents(
             f"The tensors of `{name}` must all have the same number of rows (first dim), got "
             f"{[row.shape[0] for row in rows]}."
         )
+    if rows[0].shape[0] == 0:
+        raise ValueError(f"`{name}` has no row (first dim 0): give at least one row.")
     return rows
 
 
@@ -77,8 +85,9 @@ def backward(
             without ``vmap``.
 
     Raises:
-        ValueError: empty or repeated tensors, tensors that do not require grad, mismatched
-            ``jac_tensors``, a non-positive chunk size, or inputs that are not leaves.
+        ValueError: empty or repeated tensors, tensors with no element, tensors that do not
+            require grad, mismatched ``jac_tensors`` or ones with no row, a non-positive chunk
+            size, or inputs that are not leaves.
 
     Example:
         >>> import torch

@@ -37,12 +37,18 @@ def aggregate_into_grads(
     A Gramian-weighted aggregator (all of ``torchjd_func.aggregation``) gets the Gramian summed
     param by param (the Jacobian is never concatenated) and the update is ``combine``-d from the
     weights, which are returned. Any other aggregator gets the concatenated ``[m, n]`` matrix.
+
+    A non-finite Gramian gives NaN weights whatever the weighting returns (selected on the
+    device, no host sync), so a non-finite Jacobian always gives a non-finite ``.grad``, which
+    ``torch.amp.GradScaler`` detects to skip the step.
     """
     m = _check(jacs, aggregator)
     if isinstance(aggregator, GramianWeightedAggregator):
         jacobian = TensorDict({str(i): jac for i, jac in enumerate(jacs)}, batch_size=[m])
-        weights = aggregator.weighting(gramian(jacobian))
-        update = combine(jacobian, weights.to(jacs[0].dtype))
+        square = gramian(jacobian)
+        weights = aggregator.weighting(square)
+        weights = torch.where(square.isfinite().all(), weights, torch.nan)
+        update = combine(jacobian, weights)
         accumulate_grads(params, [update[str(i)] for i in range(len(jacs))])
         return weights
     matrix = torch.cat([jac.reshape(m, -1) for jac in jacs], dim=1)

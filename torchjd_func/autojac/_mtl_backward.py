@@ -14,6 +14,7 @@ from torchjd_func.autojac._utils import (
     check_chunk_size,
     jacobian_rows,
     leaf_tensors,
+    reached,
 )
 
 __all__ = ["mtl_backward"]
@@ -67,7 +68,7 @@ def mtl_backward(
 
     Raises:
         ValueError: non-scalar or repeated losses, losses or features that do not require grad,
-            shared and task parameters that overlap, no shared parameter, or a bad chunk size.
+            a loss not computed from the features, shared and task parameters that overlap, no shared parameter, or a bad chunk size.
 
     Example:
         >>> import torch
@@ -96,6 +97,13 @@ def mtl_backward(
     for i, feature in enumerate(shared_features):
         if not feature.requires_grad:
             raise ValueError(f"`features[{i}]` does not require grad.")
+    for i, loss in enumerate(task_losses):
+        if not any(reached(loss, shared_features)):
+            raise ValueError(
+                f"`losses[{i}]` is not computed from the `features`: give as features the "
+                "tensors the task heads take as input (e.g. the trunk's output, from the same "
+                "forward pass as the losses)."
+            )
     shared = (
         leaf_tensors(shared_features)
         if shared_params is None

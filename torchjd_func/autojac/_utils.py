@@ -56,6 +56,28 @@ def leaf_tensors(roots: Iterable[Tensor], excluded: Iterable[Tensor] = ()) -> li
     return found
 
 
+def reached(root: Tensor, targets: Sequence[Tensor]) -> list[bool]:
+    """Whether each of ``targets`` is in the autograd graph of ``root`` (computes it)."""
+    wanted = {t.grad_fn: i for i, t in enumerate(targets) if t.grad_fn is not None}
+    leaves_wanted = {id(t): i for i, t in enumerate(targets) if t.grad_fn is None}
+    found = [False] * len(targets)
+    queue: list[Any] = [root.grad_fn] if root.grad_fn is not None else []
+    seen: set[Any] = set()
+    while queue:
+        node = queue.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in wanted:
+            found[wanted[node]] = True
+            continue
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor) and id(variable) in leaves_wanted:
+            found[leaves_wanted[id(variable)]] = True
+        queue.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    return found
+
+
 def jacobian_rows(
     outputs: Sequence[Tensor],
     inputs: Sequence[Tensor],
