@@ -8,8 +8,8 @@ rules are those of ``torch.optim.SGD`` and ``torch.optim.Adam`` (tested against 
 
 Parameters and state keep the parameters' dtype: gradients are cast to it first, as autograd
 does for ``.grad`` before ``torch.optim`` reads it. Non-finite gradients propagate into the new
-parameters and state (no host sync to check them); the steps of :mod:`torchjd_func.step` select
-the old ones in that case.
+parameters and state: nothing is checked on the host, so that the update compiles without a
+synchronisation.
 """
 
 import math
