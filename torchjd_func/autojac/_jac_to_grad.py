@@ -76,7 +76,10 @@ def jac_to_grad(
         retain_jac: Keep the ``.jac`` fields.
 
     Returns:
-        The weights ``[m]`` for Gramian-weighted aggregators, else ``None``.
+        The weights ``[m]`` for Gramian-weighted aggregators, else ``None``. The Gramian is
+        summed in at least float32 (float16 and bfloat16 Jacobians included); if it is not
+        finite, the weights are NaN whatever the aggregator, so that ``.grad`` is non-finite and
+        ``torch.amp.GradScaler`` skips the step.
 
     Raises:
         ValueError: a tensor has no ``.jac``, the Jacobians have different numbers of rows, or
