@@ -678,13 +678,15 @@ def test_gradients_match_finite_differences() -> None:
         j = j.to(DEVICE)
         for fn in (upgrad_weights, dualproj_weights, mgda_weights):
             x0 = j.clone().requires_grad_()
-            assert torch.autograd.gradcheck(lambda x, fn=fn: fn(x @ x.T), (x0,))
+            assert torch.autograd.gradcheck(
+                lambda x, fn=fn: fn(x @ x.T, differentiable=True), (x0,)
+            )
 
 
 def test_no_grad_values_equal_grad_values() -> None:
     g = gramians(4, seed=11, scales=[1.0])[2].to(DEVICE)
     with torch.no_grad():
         expected = upgrad_weights(g)
-    out = upgrad_weights(g.clone().requires_grad_())
+    out = upgrad_weights(g.clone().requires_grad_(), differentiable=True)
     assert out.requires_grad
     torch.testing.assert_close(out.detach(), expected, rtol=0, atol=0)

@@ -26,6 +26,7 @@ compile with ``torch.compile(fullgraph=True)`` and work under :func:`torch.vmap`
 loose tolerance, which only chooses the float64 PDAS's starting point.)
 """
 
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Literal
@@ -36,6 +37,8 @@ from torch._C._functorch import is_batchedtensor
 from torch._higher_order_ops import scan, while_loop
 
 __all__ = [
+    "check_eps",
+    "check_pref",
     "dual_cone_projection",
     "dualproj_weights",
     "mgda_weights",
@@ -97,6 +100,74 @@ def _tiny(x: Tensor) -> float:
     return torch.finfo(x.dtype).tiny
 
 
+def check_eps(value: object, name: str, *, positive: bool = False) -> float:
+    """Checks a finite, non-negative (or positive) float hyperparameter and returns it.
+
+    Raises:
+        TypeError: ``value`` is not a real number.
+        ValueError: ``value`` is negative (or zero with ``positive``), NaN or infinite.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a float, got {type(value).__name__}.")
+    # Comparisons rather than math.isfinite, which symbolic floats (torch.compile(dynamic=True))
+    # do not support.
+    if value != value or value == math.inf or value < 0 or (positive and value == 0):
+        kind = "positive" if positive else "non-negative"
+        raise ValueError(f"`{name}` must be a finite {kind} float, got {value}.")
+    return float(value)
+
+
+def _check_floating(gramian: object) -> Tensor:
+    if not isinstance(gramian, Tensor) or not gramian.is_floating_point():
+        kind = gramian.dtype if isinstance(gramian, Tensor) else type(gramian).__name__
+        raise TypeError(f"Expected a floating-point Gramian Tensor [..., m, m], got {kind}.")
+    return gramian
+
+
+def _min_eigenvalue(sym: Tensor) -> Tensor:
+    """Smallest eigenvalue ``[...]`` of symmetric ``[..., m, m]`` (closed form for ``m ≤ 2``)."""
+    m = sym.shape[-1]
+    if m == 1:
+        return sym[..., 0, 0]
+    if m == 2:
+        a, b, d = sym[..., 0, 0], sym[..., 0, 1], sym[..., 1, 1]
+        return 0.5 * (a + d) - torch.hypot(0.5 * (a - d), b)
+    eigenvalues: Tensor = torch.linalg.eigvalsh(sym)
+    return eigenvalues[..., 0]
+
+
+def _screen(gramian: Tensor, *, differentiable: bool) -> Tensor:
+    """The float64 Gramian the kernels solve with, or NaN for a Gramian they must reject.
+
+    Rounding makes a computed Gramian ``J Jᵀ`` slightly non-symmetric or indefinite (float32
+    Gramians of two nearly opposite gradients have eigenvalues down to ~−2e-8·tr(G)). With
+    ``τ = √eps`` of ``gramian``'s dtype, relative to ``t = max(tr(G), 0)``:
+
+    * any NaN or ±Inf entry, ``max|G − Gᵀ| > τ·t``, or ``λ_min(sym G) < −τ·t``: all NaN (only for
+      that Gramian of the batch);
+    * otherwise the symmetric part ``(G + Gᵀ)/2``, shifted by ``max(0, −λ_min)·I``: the
+      smallest diagonal shift that makes it PSD (no change for a PSD input), so rounding-level
+      indefiniteness gets the answer of a PSD Gramian.
+
+    Element-wise selections only (no host synchronisation). Detached unless ``differentiable``;
+    the screening itself is never differentiated.
+    """
+    g = (gramian if differentiable else gramian.detach()).to(_SOLVE_DTYPE)
+    tolerance = math.sqrt(torch.finfo(gramian.dtype).eps)
+    with torch.no_grad():
+        x = g.detach()
+        finite = x.isfinite().all(dim=-1).all(dim=-1)
+        x = torch.where(finite[..., None, None], x, torch.zeros_like(x))
+        scale = tolerance * x.diagonal(dim1=-2, dim2=-1).sum(dim=-1).clamp_min(0.0)
+        asymmetry = (x - x.mT).abs().amax(dim=-1).amax(dim=-1)
+        smallest = _min_eigenvalue(0.5 * (x + x.mT))
+        rejected = ~finite | (asymmetry > scale) | (smallest < -scale)
+        shift = (-smallest).clamp_min(0.0)
+    eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
+    screened = 0.5 * (g + g.mT) + shift[..., None, None] * eye
+    return torch.where(rejected[..., None, None], torch.full_like(screened, torch.nan), screened)
+
+
 def normalize_regularize(
     gramian: Tensor, *, norm_eps: float = 1e-4, reg_eps: float = 1e-4
 ) -> Tensor:
@@ -113,7 +184,7 @@ def normalize_regularize(
         reg_eps: Added to the diagonal after the normalisation.
 
     Returns:
-        A Tensor ``[..., m, m]`` of the dtype and device of ``gramian``. A NaN or infinite entry
+        A Tensor ``[..., m, m]`` of the dtype and device of ``gramian``. A NaN or ±Inf entry
         makes the whole matrix NaN.
 
     Example:
@@ -129,6 +200,9 @@ def normalize_regularize(
     # finite.
     safe_trace = torch.where(negligible, torch.ones_like(trace), trace)
     normalized = torch.where(negligible, torch.zeros_like(gramian), gramian / safe_trace)
+    # Without this, a −Inf diagonal (trace −Inf, "negligible") would become a zero Gramian.
+    finite = gramian.isfinite().all(dim=-1).all(dim=-1)[..., None, None]
+    normalized = torch.where(finite, normalized, torch.full_like(normalized, torch.nan))
     eye = torch.eye(gramian.shape[-1], dtype=gramian.dtype, device=gramian.device)
     return normalized + reg_eps * eye
 
@@ -839,7 +913,12 @@ def solve_box_qp(
 
 
 def dual_cone_projection(
-    U: Tensor, gramian: Tensor, *, norm_eps: float = 1e-4, reg_eps: float = 1e-4
+    U: Tensor,
+    gramian: Tensor,
+    *,
+    norm_eps: float = 1e-4,
+    reg_eps: float = 1e-4,
+    differentiable: bool = False,
 ) -> Tensor:
     """Project each row of ``U`` onto the dual cone: ``v = argmin vᵀG'v s.t. v ≥ u``.
 
@@ -848,15 +927,28 @@ def dual_cone_projection(
     cone of the rows of ``J`` (Prop. 1 of https://arxiv.org/abs/2406.16232). Solved as the LCP
     ``y = v − u``, ``c = G'u`` by :func:`solve_box_qp`, in float64.
 
+    Input screening (per Gramian of the batch, no host synchronisation), with ``τ = √eps`` of
+    ``gramian``'s dtype and ``t = max(tr(G), 0)``: a Gramian with a NaN or ±Inf entry, with
+    ``max|G − Gᵀ| > τ·t`` or with an eigenvalue below ``−τ·t`` gives NaN; otherwise its
+    symmetric part is solved, shifted by ``max(0, −λ_min)·I`` when rounding left it slightly
+    indefinite.
+
     Args:
         U: Vectors to project ``[..., k, m]``.
         gramian: PSD Gramians ``[..., m, m]``; leading dims broadcast with those of ``U``.
-        norm_eps: See :func:`normalize_regularize`.
-        reg_eps: See :func:`normalize_regularize`.
+        norm_eps: See :func:`normalize_regularize`; finite, ``≥ 0``.
+        reg_eps: See :func:`normalize_regularize`; finite, ``≥ 0``.
+        differentiable: Keep ``gramian``'s autograd graph (an extra ``[..., k, m, m]`` solve,
+            see :func:`solve_box_qp`). By default the result is detached from ``gramian``, as in
+            TorchJD, whose weights are not differentiable either.
 
     Returns:
         ``V`` ``[..., k, m]`` in the promoted dtype of ``U`` and ``gramian``. Problems whose
-        inputs contain NaN or ±Inf give NaN.
+        inputs contain NaN or ±Inf, or whose Gramian is rejected (above), give NaN.
+
+    Raises:
+        TypeError: ``gramian`` is not a floating-point Tensor, or an eps is not a float.
+        ValueError: an eps is negative, NaN or infinite.
 
     Example:
         >>> import torch
@@ -865,18 +957,50 @@ def dual_cone_projection(
         tensor([[1.0000, 0.2500],
                 [1.0000, 1.0000]])
     """
-    out_dtype = torch.promote_types(U.dtype, gramian.dtype)
-    g = normalize_regularize(gramian.to(_SOLVE_DTYPE), norm_eps=norm_eps, reg_eps=reg_eps)
-    u = U.to(_SOLVE_DTYPE)
+    norm_eps = check_eps(norm_eps, "norm_eps")
+    reg_eps = check_eps(reg_eps, "reg_eps")
+    out_dtype = torch.promote_types(U.dtype, _check_floating(gramian).dtype)
+    screened = _screen(gramian, differentiable=differentiable)
+    g = normalize_regularize(screened, norm_eps=norm_eps, reg_eps=reg_eps)
+    u = (U if differentiable else U.detach()).to(_SOLVE_DTYPE)
     return (u + solve_box_qp(g, u @ g)).to(out_dtype)
 
 
-def _preference(gramian: Tensor, pref: Tensor | None) -> Tensor:
-    """``pref`` in float64, or ``1/m`` everywhere, ``[..., m]``."""
+def check_pref(pref: object, m: int) -> Tensor | None:
+    """Checks that ``pref`` is ``None`` or a floating-point Tensor ``[m]`` (or ``[..., m]``).
+
+    Static checks only (its values are checked by the kernels without host synchronisation).
+
+    Raises:
+        TypeError: not a floating-point Tensor (e.g. a list).
+        ValueError: 0-d, or its last dim is not ``m``.
+    """
     if pref is None:
-        m = gramian.shape[-1]
+        return None
+    if not isinstance(pref, Tensor) or not pref.is_floating_point():
+        kind = pref.dtype if isinstance(pref, Tensor) else type(pref).__name__
+        raise TypeError(
+            f"`pref_vector` must be a floating-point Tensor [m], got {kind}: pass e.g. "
+            "torch.tensor([...]) with one preference per loss."
+        )
+    if pref.ndim == 0 or pref.shape[-1] != m:
+        raise ValueError(
+            f"`pref_vector` has shape {list(pref.shape)} but the Gramian is for {m} losses: give "
+            "a vector [m] (or [..., m]) with one preference per loss."
+        )
+    return pref
+
+
+def _preference(gramian: Tensor, pref: object) -> Tensor:
+    """``pref`` in float64, or ``1/m`` everywhere, ``[..., m]``; NaN where it has a negative or
+    non-finite entry (a value check without host synchronisation)."""
+    m = gramian.shape[-1]
+    checked = check_pref(pref, m)
+    if checked is None:
         return torch.full(gramian.shape[:-1], 1.0 / m, dtype=_SOLVE_DTYPE, device=gramian.device)
-    return pref.to(_SOLVE_DTYPE)
+    u = checked.detach().to(_SOLVE_DTYPE)
+    valid = (u.isfinite() & (u >= 0)).all(dim=-1, keepdim=True)
+    return torch.where(valid, u, torch.full_like(u, torch.nan))
 
 
 def upgrad_weights(
@@ -885,22 +1009,31 @@ def upgrad_weights(
     *,
     norm_eps: float = 1e-4,
     reg_eps: float = 1e-4,
+    differentiable: bool = False,
 ) -> Tensor:
     """UPGrad weights ``w = Σ_i π(u_i e_i)``: the sum of the dual-cone projections of ``diag(u)``.
 
     ``wᵀJ = Σ_i π_J(u_i g_i)`` (https://arxiv.org/abs/2406.16232), with ``π`` the projection of
-    :func:`dual_cone_projection`: the same as TorchJD's ``UPGradWeighting`` with its default
-    ``QuadprogProjector(norm_eps, reg_eps)``. ``m`` projections, one batched solve.
+    :func:`dual_cone_projection` (which screens the Gramian): the same as TorchJD's
+    ``UPGradWeighting`` with its default ``QuadprogProjector(norm_eps, reg_eps)``. ``m``
+    projections, one batched solve.
 
     Args:
-        gramian: PSD Gramians ``[..., m, m]``.
-        pref: Preference vector ``u`` ``[m]`` or ``[..., m]`` (not normalised); default ``1/m``.
+        gramian: PSD Gramians ``[..., m, m]``, any floating dtype (solved in float64).
+        pref: Preference vector ``u`` ``[m]`` or ``[..., m]`` (not normalised, ``≥ 0``); default
+            ``1/m``.
         norm_eps: See :func:`normalize_regularize`.
         reg_eps: See :func:`normalize_regularize`.
+        differentiable: See :func:`dual_cone_projection` (default: detached).
 
     Returns:
-        Weights ``[..., m]`` in the dtype of ``gramian``; all NaN for a Gramian (or preference
-        vector) with a NaN or ±Inf entry.
+        Weights ``[..., m]`` in the dtype of ``gramian``; all NaN for a Gramian that
+        :func:`dual_cone_projection` rejects (non-finite, indefinite or non-symmetric beyond
+        rounding) or a preference vector with a negative, NaN or ±Inf entry.
+
+    Raises:
+        TypeError: ``pref`` is not a floating-point Tensor, or see :func:`dual_cone_projection`.
+        ValueError: ``pref`` is 0-d or not of length ``m``, or see :func:`dual_cone_projection`.
 
     Example:
         >>> import torch
@@ -908,9 +1041,14 @@ def upgrad_weights(
         >>> upgrad_weights(J @ J.T)
         tensor([1.1109, 0.7894])
     """
-    g = gramian.to(_SOLVE_DTYPE)
-    u = _preference(g, pref)
-    projections = dual_cone_projection(torch.diag_embed(u), g, norm_eps=norm_eps, reg_eps=reg_eps)
+    u = _preference(_check_floating(gramian), pref)
+    projections = dual_cone_projection(
+        torch.diag_embed(u),
+        gramian,
+        norm_eps=norm_eps,
+        reg_eps=reg_eps,
+        differentiable=differentiable,
+    )
     return projections.sum(dim=-2).to(gramian.dtype)
 
 
@@ -920,6 +1058,7 @@ def dualproj_weights(
     *,
     norm_eps: float = 1e-4,
     reg_eps: float = 1e-4,
+    differentiable: bool = False,
 ) -> Tensor:
     """DualProj weights: the dual-cone projection ``π(u)`` of the preference vector.
 
@@ -927,14 +1066,20 @@ def dualproj_weights(
     ``DualProjWeighting`` with its default ``QuadprogProjector(norm_eps, reg_eps)``.
 
     Args:
-        gramian: PSD Gramians ``[..., m, m]``.
-        pref: Preference vector ``u`` ``[m]`` or ``[..., m]`` (not normalised); default ``1/m``.
+        gramian: PSD Gramians ``[..., m, m]``, any floating dtype (solved in float64).
+        pref: Preference vector ``u`` ``[m]`` or ``[..., m]`` (not normalised, ``≥ 0``); default
+            ``1/m``.
         norm_eps: See :func:`normalize_regularize`.
         reg_eps: See :func:`normalize_regularize`.
+        differentiable: See :func:`dual_cone_projection` (default: detached).
 
     Returns:
-        Weights ``[..., m]`` in the dtype of ``gramian``; all NaN for a Gramian (or preference
-        vector) with a NaN or ±Inf entry.
+        Weights ``[..., m]`` in the dtype of ``gramian``; NaN in the cases of
+        :func:`upgrad_weights`.
+
+    Raises:
+        TypeError: As :func:`upgrad_weights`.
+        ValueError: As :func:`upgrad_weights`.
 
     Example:
         >>> import torch
@@ -942,13 +1087,18 @@ def dualproj_weights(
         >>> dualproj_weights(J @ J.T)
         tensor([0.6109, 0.5000])
     """
-    g = gramian.to(_SOLVE_DTYPE)
-    u = _preference(g, pref)
-    projection = dual_cone_projection(u[..., None, :], g, norm_eps=norm_eps, reg_eps=reg_eps)
+    u = _preference(_check_floating(gramian), pref)
+    projection = dual_cone_projection(
+        u[..., None, :],
+        gramian,
+        norm_eps=norm_eps,
+        reg_eps=reg_eps,
+        differentiable=differentiable,
+    )
     return projection[..., 0, :].to(gramian.dtype)
 
 
-def mgda_weights(gramian: Tensor, *, reg_eps: float = 1e-8) -> Tensor:
+def mgda_weights(gramian: Tensor, *, reg_eps: float = 1e-8, differentiable: bool = False) -> Tensor:
     """MGDA weights: the min-norm point of the convex hull, ``argmin αᵀGα s.t. α ≥ 0, Σα = 1``.
 
     https://arxiv.org/abs/1810.04650. With ``ν = αᵀGα > 0`` and ``y = α/ν``, the KKT conditions
@@ -956,7 +1106,9 @@ def mgda_weights(gramian: Tensor, *, reg_eps: float = 1e-8) -> Tensor:
     ``G' = G/tr(G) + reg_eps·I`` (positive definite, so the LCP has a solution even when 0 is in
     the convex hull); ``α = y / Σy``. The solution does not depend on the scale of ``G``, so
     unlike UPGrad's this normalisation has no threshold: only a zero Gramian stays zero, and gets
-    uniform weights.
+    uniform weights. The Gramian is screened first, as in :func:`dual_cone_projection`: a float32
+    Gramian that rounding left indefinite by more than ``reg_eps`` (e.g. two nearly opposite
+    gradients) is shifted to PSD, not solved as an indefinite problem.
 
     Accuracy: ``α`` is optimal for ``G'`` to rounding, so the KKT conditions of the original
     problem hold up to ``reg_eps·tr(G)``: with ``λ = αᵀGα``, ``min_i (Gα)_i − λ ≥ −reg_eps·tr(G)``
@@ -964,15 +1116,18 @@ def mgda_weights(gramian: Tensor, *, reg_eps: float = 1e-8) -> Tensor:
     step size instead, ``epsilon=1e-3`` and at most 100 iterations.)
 
     Args:
-        gramian: PSD Gramians ``[..., m, m]``.
-        reg_eps: Regularisation added to the trace-normalised Gramian; must be positive.
+        gramian: PSD Gramians ``[..., m, m]``, any floating dtype (solved in float64).
+        reg_eps: Regularisation added to the trace-normalised Gramian; finite and positive.
+        differentiable: See :func:`dual_cone_projection` (default: detached).
 
     Returns:
-        Weights on the simplex ``[..., m]`` in the dtype of ``gramian``; all NaN for a Gramian with
-        a NaN or ±Inf entry.
+        Weights on the simplex ``[..., m]`` in the dtype of ``gramian``; all NaN for a Gramian
+        that :func:`dual_cone_projection` would reject (non-finite, indefinite or non-symmetric
+        beyond rounding).
 
     Raises:
-        ValueError: ``reg_eps`` is not positive.
+        TypeError: ``gramian`` is not a floating-point Tensor, or ``reg_eps`` not a float.
+        ValueError: ``reg_eps`` is not finite and positive.
 
     Example:
         >>> import torch
@@ -980,9 +1135,9 @@ def mgda_weights(gramian: Tensor, *, reg_eps: float = 1e-8) -> Tensor:
         >>> mgda_weights(J @ J.T)
         tensor([0.6000, 0.4000])
     """
-    if reg_eps <= 0:
-        raise ValueError(f"reg_eps must be positive, got {reg_eps}.")
-    g = normalize_regularize(gramian.to(_SOLVE_DTYPE), norm_eps=0.0, reg_eps=reg_eps)
+    reg_eps = check_eps(reg_eps, "reg_eps", positive=True)
+    screened = _screen(_check_floating(gramian), differentiable=differentiable)
+    g = normalize_regularize(screened, norm_eps=0.0, reg_eps=reg_eps)
     c = -torch.ones(g.shape[:-1], dtype=_SOLVE_DTYPE, device=g.device)[..., None, :]
     y = solve_box_qp(g, c)[..., 0, :]
     return (y / y.sum(dim=-1, keepdim=True)).to(gramian.dtype)

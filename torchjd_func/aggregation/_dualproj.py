@@ -31,17 +31,30 @@ def dualproj_weights(
     *,
     norm_eps: float = 1e-4,
     reg_eps: float = 1e-4,
+    differentiable: bool = False,
 ) -> Tensor:
     """DualProj's weights ``argmin vᵀGv s.t. v ≥ u``, batched.
 
     Args:
-        gramian: PSD Gramians ``[..., m, m]``.
-        pref_vector: Preferences ``u`` ``[m]`` (not normalised); ``None`` means ``1/m``.
-        norm_eps: Gramians with a trace below this are treated as zero.
-        reg_eps: Added to the diagonal of the trace-normalised Gramian.
+        gramian: PSD Gramians ``[..., m, m]``, any floating dtype (solved in float64).
+        pref_vector: Preferences ``u`` ``[m]`` (not normalised, ``≥ 0``); ``None`` means ``1/m``.
+        norm_eps: Gramians with a trace below this are treated as zero; finite, ``≥ 0``.
+        reg_eps: Added to the diagonal of the trace-normalised Gramian; finite, ``≥ 0``.
+        differentiable: Keep the autograd graph of ``gramian`` (costs an extra
+            ``[..., m, m, m]`` solve); by default the weights are detached, as in TorchJD.
 
     Returns:
-        Weights ``[..., m]`` in the dtype and on the device of ``gramian``.
+        Weights ``[..., m]`` in the dtype and on the device of ``gramian``. All NaN for a
+        Gramian with a NaN or ±Inf entry, indefinite or non-symmetric beyond rounding
+        (``√eps`` of its dtype, relative to its trace; ``docs/qp.md``), or for a
+        ``pref_vector`` with a negative or non-finite entry; the other Gramians of a batch are
+        unaffected.
+
+    Raises:
+        TypeError: ``gramian`` or ``pref_vector`` is not a floating-point Tensor, or an eps is not
+            a float.
+        ValueError: wrong shapes (``pref_vector`` 0-d or not of length ``m``), or an eps is
+            negative, NaN or infinite.
 
     Example:
         >>> import torch
@@ -52,7 +65,9 @@ def dualproj_weights(
     """
     check_gramian(gramian)
     pref = check_pref(gramian, pref_vector)
-    return _dualproj_weights(gramian, pref, norm_eps=norm_eps, reg_eps=reg_eps)
+    return _dualproj_weights(
+        gramian, pref, norm_eps=norm_eps, reg_eps=reg_eps, differentiable=differentiable
+    )
 
 
 def dualproj(

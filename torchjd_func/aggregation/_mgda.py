@@ -29,17 +29,25 @@ from torchjd_func.aggregation._upgrad import check_eps
 __all__ = ["MGDA", "MGDAWeighting", "mgda", "mgda_weights"]
 
 
-def mgda_weights(gramian: Tensor, *, reg_eps: float = 1e-8) -> Tensor:
+def mgda_weights(gramian: Tensor, *, reg_eps: float = 1e-8, differentiable: bool = False) -> Tensor:
     """MGDA's weights: the min-norm convex combination of the gradients, batched.
 
     Args:
-        gramian: PSD Gramians ``[..., m, m]``.
+        gramian: PSD Gramians ``[..., m, m]``, any floating dtype (solved in float64).
         reg_eps: Positive regularisation added to the trace-normalised Gramian, which makes the
             problem strictly convex; the KKT conditions hold up to ``reg_eps·tr(G)``.
+        differentiable: Keep the autograd graph of ``gramian``; by default the weights are
+            detached, as in TorchJD.
 
     Returns:
         Weights ``[..., m]`` on the simplex, dtype and device of ``gramian``. A zero Gramian
-        gives uniform weights.
+        gives uniform weights. All NaN for a Gramian with a NaN or ±Inf entry, or indefinite or
+        non-symmetric beyond rounding (``√eps`` of its dtype, relative to its trace;
+        ``docs/qp.md``); the other Gramians of a batch are unaffected.
+
+    Raises:
+        TypeError: ``gramian`` is not a floating-point Tensor, or ``reg_eps`` is not a float.
+        ValueError: ``gramian`` is not square, or ``reg_eps`` is not finite and positive.
 
     Example:
         >>> import torch
@@ -49,7 +57,8 @@ def mgda_weights(gramian: Tensor, *, reg_eps: float = 1e-8) -> Tensor:
         tensor([0.6000, 0.4000])
     """
     check_gramian(gramian)
-    return _mgda_weights(gramian, reg_eps=check_eps(reg_eps, "reg_eps", positive=True))
+    reg = check_eps(reg_eps, "reg_eps", positive=True)
+    return _mgda_weights(gramian, reg_eps=reg, differentiable=differentiable)
 
 
 def mgda(*, reg_eps: float = 1e-8) -> PureWeighting:

@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from torchjd_func._qp import check_eps
+from torchjd_func._qp import check_pref as _check_pref
 from torchjd_func._qp import upgrad_weights as _upgrad_weights
 from torchjd_func.aggregation._base import (
     GramianWeightedAggregator,
@@ -34,31 +36,30 @@ __all__ = [
     "UPGradWeighting",
     "check_eps",
     "check_pref",
+    "check_pref_values",
     "projection_weighting",
     "upgrad",
     "upgrad_weights",
 ]
 
 
-def check_eps(value: object, name: str, *, positive: bool = False) -> float:
-    """Checks a non-negative (or positive) float hyperparameter."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a float, got {type(value).__name__}.")
-    if value < 0 or (positive and value == 0) or value != value:
-        raise ValueError(
-            f"`{name}` must be {'positive' if positive else 'non-negative'}, got {value}."
-        )
-    return float(value)
+def check_pref(gramian: Tensor, pref_vector: object) -> Tensor | None:
+    """Checks that the preference vector is ``None`` or a floating-point Tensor with one entry per
+    loss of ``gramian``; see :func:`torchjd_func._qp.check_pref`."""
+    return _check_pref(pref_vector, gramian.shape[-1])
 
 
-def check_pref(gramian: Tensor, pref_vector: Tensor | None) -> Tensor | None:
-    """Checks that the preference vector has one entry per loss of ``gramian``."""
-    if pref_vector is not None and pref_vector.shape[-1] != gramian.shape[-1]:
+def check_pref_values(pref_vector: object) -> Tensor | None:
+    """Checks a preference vector given at construction: a non-empty 1-D floating-point Tensor
+    with finite, non-negative entries (read once, eagerly)."""
+    if pref_vector is None:
+        return None
+    pref = check_vector(pref_vector, "pref_vector")
+    if not bool((pref.isfinite() & (pref >= 0)).all()):
         raise ValueError(
-            f"`pref_vector` has {pref_vector.shape[-1]} entries but the Gramian is for "
-            f"{gramian.shape[-1]} losses: give one preference per loss."
+            f"`pref_vector` must have finite, non-negative entries, got {pref.tolist()}."
         )
-    return pref_vector
+    return pref
 
 
 def upgrad_weights(
@@ -67,17 +68,30 @@ def upgrad_weights(
     *,
     norm_eps: float = 1e-4,
     reg_eps: float = 1e-4,
+    differentiable: bool = False,
 ) -> Tensor:
     """UPGrad's weights ``Σ_i v_i``, ``v_i = argmin vᵀGv s.t. v ≥ u_i e_i``, batched.
 
     Args:
-        gramian: PSD Gramians ``[..., m, m]``.
-        pref_vector: Preferences ``u`` ``[m]`` (not normalised); ``None`` means ``1/m``.
-        norm_eps: Gramians with a trace below this are treated as zero.
-        reg_eps: Added to the diagonal of the trace-normalised Gramian.
+        gramian: PSD Gramians ``[..., m, m]``, any floating dtype (solved in float64).
+        pref_vector: Preferences ``u`` ``[m]`` (not normalised, ``≥ 0``); ``None`` means ``1/m``.
+        norm_eps: Gramians with a trace below this are treated as zero; finite, ``≥ 0``.
+        reg_eps: Added to the diagonal of the trace-normalised Gramian; finite, ``≥ 0``.
+        differentiable: Keep the autograd graph of ``gramian`` (costs an extra
+            ``[..., m, m, m]`` solve); by default the weights are detached, as in TorchJD.
 
     Returns:
-        Weights ``[..., m]`` in the dtype and on the device of ``gramian``.
+        Weights ``[..., m]`` in the dtype and on the device of ``gramian``. All NaN for a
+        Gramian with a NaN or ±Inf entry, indefinite or non-symmetric beyond rounding
+        (``√eps`` of its dtype, relative to its trace; ``docs/qp.md``), or for a
+        ``pref_vector`` with a negative or non-finite entry; the other Gramians of a batch are
+        unaffected.
+
+    Raises:
+        TypeError: ``gramian`` or ``pref_vector`` is not a floating-point Tensor, or an eps is not
+            a float.
+        ValueError: wrong shapes (``pref_vector`` 0-d or not of length ``m``), or an eps is
+            negative, NaN or infinite.
 
     Example:
         >>> import torch
@@ -88,7 +102,9 @@ def upgrad_weights(
     """
     check_gramian(gramian)
     pref = check_pref(gramian, pref_vector)
-    return _upgrad_weights(gramian, pref, norm_eps=norm_eps, reg_eps=reg_eps)
+    return _upgrad_weights(
+        gramian, pref, norm_eps=norm_eps, reg_eps=reg_eps, differentiable=differentiable
+    )
 
 
 def upgrad(
@@ -111,8 +127,7 @@ def projection_weighting(
 ) -> PureWeighting:
     """A stateless :class:`PureWeighting` of a dual-cone projection kernel (UPGrad, DualProj),
     with its hyperparameters validated once, at construction."""
-    if pref_vector is not None:
-        check_vector(pref_vector, "pref_vector")
+    check_pref_values(pref_vector)
     norm = check_eps(norm_eps, "norm_eps")
     reg = check_eps(reg_eps, "reg_eps")
     return stateless(lambda gramian: kernel(gramian, pref_vector, norm_eps=norm, reg_eps=reg))
