@@ -319,15 +319,14 @@ class Tied(nn.Module):
 def test_unsupported_modules_are_type_errors(
     build_model: Callable[[], nn.Module], match: str
 ) -> None:
+    """Raised when the step is built (item 14: outside any traced function), and again by the
+    step itself for a model changed in between."""
     model = build_model().to(DEVICE, DTYPE)
-    step = gramian_step(model, iwrm, upgrad(), sgd(0.1))
-    params = params_of(model)
     with pytest.raises(TypeError, match=match):
-        step(
-            params,
-            sgd(0.1).init(params),
-            upgrad().init(BATCH),
-            ((_floats(5)(BATCH),), (_targets(),)),
+        gramian_step(model, iwrm, upgrad(), sgd(0.1))
+    with pytest.raises(TypeError, match=match):
+        value_and_per_sample_gramian(
+            model, params_of(model), (_floats(5)(BATCH),), iwrm, (_targets(),)
         )
 
 

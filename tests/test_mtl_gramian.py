@@ -181,12 +181,15 @@ def test_compiles_once_without_graph_break_and_equals_eager() -> None:
 def test_errors() -> None:
     trunk = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4)).to(DEVICE, F64)
     heads = _heads()
-    step = mtl_gramian_step(trunk, _heads_fn(heads), upgrad(), sgd(0.1))
     params, opt_state, agg_state = _states(trunk, heads)
     batch = ((torch.randn(BATCH, 5, device=DEVICE, dtype=F64),), (_targets(),))
-    with pytest.raises(
-        TypeError, match=r"'1\.weight' belongs to module '1' \(LayerNorm\).*mtl_step"
-    ):
+    unsupported = r"'1\.weight' belongs to module '1' \(LayerNorm\).*mtl_step"
+    with pytest.raises(TypeError, match=unsupported):  # when the step is built
+        mtl_gramian_step(trunk, _heads_fn(heads), upgrad(), sgd(0.1))
+    trunk[1].requires_grad_(False)
+    step = mtl_gramian_step(trunk, _heads_fn(heads), upgrad(), sgd(0.1))
+    trunk[1].requires_grad_(True)
+    with pytest.raises(TypeError, match=unsupported):  # and by the step, for a changed model
         step(params, opt_state, agg_state, batch)
     assert all(not m._forward_hooks for m in trunk.modules())
     with pytest.raises(ValueError, match=r'"shared": \.\.\., "heads"'):

@@ -300,6 +300,7 @@ def value_and_per_sample_jacobian(
         TypeError: as :func:`value_and_jacobian`, or a batched input is not a tensor.
         ValueError: as :func:`value_and_jacobian`, or the batched inputs disagree on the batch
             size, the batch is empty, or ``in_dims`` does not match ``args``.
+        RuntimeError: an op of ``fn`` has no vmap rule (the message says what to do instead).
 
     Example:
         >>> import torch
@@ -324,9 +325,17 @@ def value_and_per_sample_jacobian(
     ) -> tuple[Tensor, tuple[Tensor, ...], Any]:
         return _value_and_rows(fn, keys, tensors, sample_args, None, has_aux)
 
-    value, jac_leaves, aux = vmap(one_sample, in_dims=(None, *dims), chunk_size=chunk_size)(
-        tuple(params_leaves.values()), *args
-    )
+    mapped = vmap(one_sample, in_dims=(None, *dims), chunk_size=chunk_size)
+    try:
+        value, jac_leaves, aux = mapped(tuple(params_leaves.values()), *args)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"Mapping `fn` over the batch with torch.vmap failed: {error}. Some ops have no vmap "
+            "rule, e.g. nn.GRU and nn.RNN on the CPU, and nn.LSTM in float64 there "
+            "(aten::lstm.input). Compute the losses of the whole batch instead, [B] (or "
+            "[B, m]), with `jacobian` or `jd_step`: the same per-sample rows when the samples "
+            "are independent."
+        ) from error
     return JacobianOutput(
         value, _to_jacobian(keys, jac_leaves, value.shape), aux if has_aux else None
     )

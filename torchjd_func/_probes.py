@@ -36,6 +36,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor, nn
 from torch.func import vjp, vmap
+from torch.utils._pytree import tree_leaves
 
 from torchjd_func._jacobian import (
     VjpFn,
@@ -44,7 +45,7 @@ from torchjd_func._jacobian import (
     check_task_mapping,
     task_rows,
 )
-from torchjd_func._tree import call, check_params, dotted, from_leaves
+from torchjd_func._tree import call, check_params, dotted, from_leaves, leaves
 from torchjd_func._types import LeafKey
 from torchjd_func.autogram._engine import _batch_incompatibility
 from torchjd_func.autogram._fast import (
@@ -116,6 +117,38 @@ def _module_name(path: str, module: nn.Module) -> str:
     return f"{where} ({type(module).__name__})"
 
 
+def _coupling(module: nn.Module) -> str:
+    return "is a recurrent layer" if isinstance(module, nn.RNNBase) else "mixes the samples"
+
+
+def _coupling_advice(module: nn.Module, fallback: str) -> str:
+    """What to do about a module that :func:`_batch_incompatibility` rejects, by its kind."""
+    if isinstance(module, nn.RNNBase):
+        return (
+            f"Use `{fallback}` (per-sample Jacobians of any differentiable model), or `jd_step` "
+            "on the losses of the whole batch."
+        )
+    return (
+        "Put it in eval mode (BatchNorm with running statistics), replace it (e.g. by GroupNorm "
+        "or LayerNorm), or use `jd_step` on the losses of the whole batch."
+    )
+
+
+def check_model(model: nn.Module, *, per_sample: bool, step: str, fallback: str) -> None:
+    """What can be checked from the model alone, when a Gramian step is built: each trainable
+    parameter (``requires_grad=True``) belongs to a supported layer and, with ``per_sample``, no
+    module couples the samples. Outside the traced step, so that the errors arrive as they are
+    under ``torch.compile``; the step checks again (the model may change in between).
+
+    Raises:
+        TypeError: a trainable parameter belongs to an unsupported module, or is shared by
+            several.
+        ValueError: with ``per_sample``, a module couples the samples.
+    """
+    names = [name for name, param in model.named_parameters() if param.requires_grad]
+    _layers(model, names, per_sample=per_sample, step=step, fallback=fallback)
+
+
 def _layers(
     model: nn.Module,
     names: Sequence[str],
@@ -132,8 +165,8 @@ def _layers(
         if reason is not None:
             raise ValueError(
                 f"Per-sample Gramians need the loss of each sample to depend on that sample only, "
-                f"but {_module_name(path, module)} mixes the samples: {reason}. Put it in eval "
-                "mode (running statistics), or use `jd_step` on the losses of the whole batch."
+                f"but {_module_name(path, module)} {_coupling(module)}: {reason}. "
+                f"{_coupling_advice(module, fallback)}"
             )
     owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for path, module in model.named_modules():
@@ -150,7 +183,7 @@ def _layers(
             shared = ", ".join(_module_name(path, module) for path, module, _ in places)
             raise TypeError(
                 f"The trainable parameter {name!r} is shared by {shared}: tied weights have no "
-                f"per-layer closed-form Gramian. Use `{fallback}`, which handles any model."
+                f"per-layer closed-form Gramian. Use `{fallback}`."
             )
         path, module, attr = places[0]
         kind = _kind(module)
@@ -158,8 +191,8 @@ def _layers(
             raise TypeError(
                 f"The trainable parameter {name!r} belongs to "
                 f"{_module_name(path, module)}, which has no closed-form Gramian: "
-                f"`{step}` supports {_SUPPORTED}. Use `{fallback}`, which handles any "
-                "model, or leave this parameter out of `params` to freeze it."
+                f"`{step}` supports {_SUPPORTED}. Use `{fallback}`, or freeze this "
+                "parameter (`requires_grad_(False)`, and leave it out of `params`)."
             )
         layer = found.get(path, _Layer(path, module, kind, False, False))
         found[path] = _Layer(
@@ -203,18 +236,56 @@ class _Plan(NamedTuple):
 
 
 def _discover(
-    model: nn.Module, params: TensorDictBase, inputs: Sequence[Any], layers: Sequence[_Layer]
+    model: nn.Module,
+    params: TensorDictBase,
+    inputs: Sequence[Any],
+    layers: Sequence[_Layer],
+    fallback: str,
 ) -> list[_Plan]:
+    """The layer calls of a forward pass, checking that every parameter of ``params`` is used
+    inside the forward of its layer only.
+
+    The closed forms see a layer's parameters only through its calls: a parent reading
+    ``self.fc.weight`` itself (``F.linear(h, self.fc.weight)``, weight tying by hand) would have
+    that use silently dropped. So this forward pass is differentiated (``vjp``) w.r.t. the
+    parameters, with each layer's output detached in its hook: the model's outputs then require
+    grad exactly when a parameter reaches them otherwise, a static property (no backward pass,
+    no host sync; under ``torch.compile`` the pass is dead code). The backward pass runs only to
+    name the culprits in the error.
+    """
     plan: list[_Plan] = []
+    keys = list(check_params(params))
 
     def hook_of(i: int) -> Hook:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             plan.append(_Plan(i, output.shape, output.dtype, output.device))
+            return output.detach()
 
         return hook
 
-    with torch.no_grad():
-        _run(model, params, inputs, layers, hook_of)
+    outside: list[bool] = []
+
+    def forward(*leaf_tensors: Tensor) -> Tensor:
+        tensors = from_leaves(dict(zip(keys, leaf_tensors, strict=True)), [])
+        outputs = _run(model, tensors, inputs, layers, hook_of)
+        reached = [t for t in tree_leaves(outputs) if isinstance(t, Tensor) and t.requires_grad]
+        outside.append(bool(reached))
+        return sum((t.sum() for t in reached), torch.zeros((), device=leaf_tensors[0].device))
+
+    total, vjp_fn = cast("tuple[Tensor, VjpFn]", vjp(forward, *leaves(params).values()))
+    if outside[0]:
+        used: list[str] = []
+        if not torch.compiler.is_compiling():  # naming them reads the gradients on the host
+            grads = vjp_fn(torch.ones_like(total))
+            used = [dotted(key) for key, grad in zip(keys, grads, strict=True) if grad.any()]
+        named = f"{used} are" if used else "a parameter of `params` is"
+        raise ValueError(
+            f"The parameters {named} used outside the forward of the layer that holds them (a "
+            "parent module reading `self.fc.weight` instead of calling `self.fc`, or weights "
+            "tied by hand as in `F.linear(h, self.embedding.weight)`): the closed-form Gramians "
+            "see a parameter only through its layer's calls, so that use would be missing. Call "
+            f"the layer itself, or use `{fallback}`, which handles any use of the parameters."
+        )
     return plan
 
 
@@ -391,7 +462,7 @@ def value_and_per_sample_gramian(
     params_leaves = check_params(params)
     keys: list[LeafKey] = list(params_leaves)
     layers = _layers(model, [dotted(key) for key in keys])
-    plan = _discover(model, params, inputs, layers)
+    plan = _discover(model, params, inputs, layers, "per_sample_step")
 
     def forward(
         leaf_tensors: tuple[Tensor, ...], probes: tuple[Tensor, ...]
@@ -511,7 +582,7 @@ def value_and_mtl_gramian(
         step="mtl_gramian_step",
         fallback=fallback,
     )
-    plan = _discover(trunk, shared_params, trunk_inputs, layers)
+    plan = _discover(trunk, shared_params, trunk_inputs, layers, fallback)
 
     probes = tuple(torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in plan)
 

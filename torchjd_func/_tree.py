@@ -204,4 +204,57 @@ def call(
             "`params` must mirror the module tree, as `params_of(module)` gives them."
         )
     _check_devices(module, replacements, own, args, kwargs)
-    return functional_call(module, replacements, args, kwargs, tie_weights=True, strict=False)
+    return functional(module, replacements, args, kwargs)
+
+
+def _slots(module: nn.Module) -> dict[str, tuple[int, str]]:
+    """Every name of a parameter or buffer of ``module`` (duplicates included) -> the slot it
+    names: the id of the module object holding it, and its attribute there."""
+    names = [name for name, _ in module.named_parameters(remove_duplicate=False)]
+    names += [name for name, _ in module.named_buffers(remove_duplicate=False)]
+    slots: dict[str, tuple[int, str]] = {}
+    for name in names:
+        path, _, attr = name.rpartition(".")
+        slots[name] = (id(module.get_submodule(path)), attr)
+    return slots
+
+
+def functional(
+    module: nn.Module, replacements: Mapping[str, Tensor], args: Any, kwargs: dict[str, Any]
+) -> Any:
+    """``torch.func.functional_call`` with ``replacements`` (dotted names), tied tensors replaced
+    everywhere they are used, and the module exactly as it was afterwards.
+
+    ``functional_call(tie_weights=True)`` fails to restore a module registered under two names
+    (``self.b = self.a``, ``nn.Sequential(lin, act, lin)``): it swaps the shared attribute once per
+    name, and puts the swapped-in tensors back last, leaving them in place of the
+    ``nn.Parameter``s. So each replaced tensor is given here under one name per distinct slot
+    (module object and attribute) that holds it, and ``tie_weights=False`` swaps each slot once.
+
+    Raises:
+        ValueError: two names of ``replacements`` name the same tensor.
+    """
+    own = {
+        **dict(module.named_buffers(remove_duplicate=False)),
+        **dict(module.named_parameters(remove_duplicate=False)),
+    }
+    slots = _slots(module)
+    given: dict[int, str] = {}
+    for name in replacements:
+        if name not in own:
+            continue  # strict=False: functional_call ignores it, as before
+        first = given.setdefault(id(own[name]), name)
+        if first != name:
+            raise ValueError(
+                f"{name!r} and {first!r} name the same tensor of {type(module).__name__} (tied "
+                "weights or a module registered twice): give it once, under its first name as "
+                "`params_of` does."
+            )
+    expanded: dict[str, Tensor] = {}
+    swapped: set[tuple[int, str]] = set()
+    for name, tensor in own.items():
+        replacing = given.get(id(tensor))
+        if replacing is not None and slots[name] not in swapped:
+            swapped.add(slots[name])
+            expanded[name] = replacements[replacing]
+    return functional_call(module, expanded, args, kwargs, tie_weights=False, strict=False)

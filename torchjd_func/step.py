@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from torchjd_func._gramian import inner_products, reshape_weights
 from torchjd_func._jacobian import mtl_jacobian, value_and_jacobian, value_and_per_sample_jacobian
-from torchjd_func._probes import value_and_mtl_gramian, value_and_per_sample_gramian
+from torchjd_func._probes import check_model, value_and_mtl_gramian, value_and_per_sample_gramian
 from torchjd_func.aggregation import Aggregation, PureWeighting, aggregate
 from torchjd_func.optim import Optimizer
 
@@ -326,6 +326,7 @@ def mtl_gramian_step(
         torch.Size([2])
     """
     _check(weighting, optimizer, trunk=trunk)
+    check_model(trunk, per_sample=False, step="mtl_gramian_step", fallback="mtl_step")
 
     def step(
         params: TensorDictBase, opt_state: Any, agg_state: Any, batch: Sequence[Any]
@@ -416,6 +417,7 @@ def gramian_step(
         torch.Size([8, 2])
     """
     _check(weighting, optimizer, model=model)
+    check_model(model, per_sample=True, step="gramian_step", fallback="per_sample_step")
 
     def step(
         params: TensorDictBase, opt_state: Any, agg_state: Any, batch: Sequence[Any]

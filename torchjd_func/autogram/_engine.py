@@ -8,7 +8,7 @@ Two ways, chosen by ``batch_dim``:
 * ``batch_dim=k``: forward hooks record the calls of the modules holding parameters; one batched
   backward pass gives the cotangents of ``output`` w.r.t. each recorded module output (all-ones
   over the batch, an identity over the other dims of ``output``); then each module's forward is
-  re-run on one sample at a time (``torch.func.functional_call`` + ``vjp`` under ``vmap`` over the
+  re-run on one sample at a time (a functional call + ``vjp`` under ``vmap`` over the
   batch), which gives its per-sample parameter gradients, squared into the Gramian module by
   module: ``G = Σ_modules J_mod J_modᵀ``. Units that are exactly an ``nn.Linear``,
   ``nn.Conv1d``/``nn.Conv2d`` or ``nn.Embedding`` skip the re-run: their Gramian comes in closed
@@ -23,11 +23,12 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_map_only
 from torch.utils.hooks import RemovableHandle
 
 from torchjd_func._gramian import gramian
+from torchjd_func._tree import functional
 from torchjd_func.autogram._fast import DISPATCH, fast_square_gramian
 from torchjd_func.autogram._recording import (
     Call,
@@ -581,7 +582,7 @@ def _per_sample_grads(
         args, kwargs = tree_map_only(Tensor, lambda t: t.unsqueeze(0), sample)
 
         def outputs_of(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
-            leaves = tree_flatten(functional_call(forward_only, p, args, kwargs))[0]
+            leaves = tree_flatten(functional(forward_only, p, args, kwargs))[0]
             return tuple(leaves[i].squeeze(0) for i in indices)
 
         vjp_fn = vjp(outputs_of, primals)[1]

@@ -64,12 +64,18 @@ class _Operands:
 
 
 def _joined(parts: Sequence[_Operands]) -> tuple[Tensor, Tensor]:
-    """The calls' inputs and cotangents joined along the positions (no copy for one call)."""
+    """The calls' inputs and cotangents joined along the positions (no copy for one call), in
+    float32 at least: inner products of float16/bfloat16 gradients overflow (float16 above
+    65504) or lose most digits long before the gradients themselves do."""
     if len(parts) == 1:
-        return parts[0].inputs, parts[0].cotangents
-    return torch.cat([p.inputs for p in parts], dim=1), torch.cat(
-        [p.cotangents for p in parts], dim=2
-    )
+        inputs, cots = parts[0].inputs, parts[0].cotangents
+    else:
+        inputs = torch.cat([p.inputs for p in parts], dim=1)
+        cots = torch.cat([p.cotangents for p in parts], dim=2)
+    dtype = torch.promote_types(cots.dtype, torch.float32)
+    if inputs.is_floating_point():
+        inputs = inputs.to(dtype)
+    return inputs, cots.to(dtype)
 
 
 def fast_square_gramian(
