@@ -32,16 +32,24 @@ Example:
     torch.Size([8])
 """
 
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import torch
+import torch.utils._pytree as pytree
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor, nn
 
-from torchjd_func._gramian import inner_products, reshape_weights
-from torchjd_func._jacobian import mtl_jacobian, value_and_jacobian, value_and_per_sample_jacobian
+from torchjd_func._gramian import combine, flatten_gramian, gramian, inner_products, reshape_weights
+from torchjd_func._jacobian import (
+    _check_chunk_size,
+    mtl_jacobian,
+    value_and_jacobian,
+    value_and_per_sample_jacobian,
+)
 from torchjd_func._probes import check_model, value_and_mtl_gramian, value_and_per_sample_gramian
-from torchjd_func.aggregation import Aggregation, PureWeighting, aggregate
+from torchjd_func.aggregation import PureWeighting
 from torchjd_func.optim import Optimizer
 
 __all__ = [
@@ -59,25 +67,51 @@ class StepOutput(NamedTuple):
     """What a step function returns."""
 
     params: TensorDict
-    """The updated parameters."""
+    """The updated parameters (the given ones if the step was skipped)."""
     opt_state: Any
-    """The optimizer's new state."""
+    """The optimizer's new state (the given one if the step was skipped)."""
     agg_state: Any
-    """The weighting's new state."""
+    """The weighting's new state (the given one if the step was skipped)."""
     metrics: dict[str, Tensor]
     """``"losses"`` (before the update), ``"weights"`` (the aggregation weights) and
     ``"decrease"``: ``J d``, the first-order decrease of each loss per unit learning rate along
     the aggregated direction ``d`` (for UPGrad non-negative up to its regularisation,
     ``≥ −reg_eps·tr(G)·w``; for MTL, through the shared parameters only), all in the losses'
-    shape."""
+    shape; ``"skipped"``, a ``[]`` bool tensor: ``True`` when the step found a non-finite value
+    and returned its inputs unchanged (always ``False`` with ``skip_nonfinite=False``)."""
 
 
 StepFn = Callable[[TensorDictBase, Any, Any, Sequence[Any]], StepOutput]
 """``step(params, opt_state, agg_state, batch) -> StepOutput``."""
 
 
-def _check(weighting: PureWeighting, optimizer: Optimizer, **modules: object) -> None:
-    """Checks the weighting, the optimizer and the modules given by name."""
+class _Parts(NamedTuple):
+    """What the builder-specific part of a step computes, before the optimizer."""
+
+    losses: Tensor
+    gramian: Tensor
+    """The weighting's input, ``[M, M]``."""
+    weights: Tensor
+    agg_state: Any
+    grads: TensorDictBase
+    """What the optimizer gets, params-shaped."""
+    decrease: Tensor
+
+
+_Core = Callable[[TensorDictBase, Any, Sequence[Any]], _Parts]
+"""``core(params, agg_state, batch) -> _Parts``."""
+
+
+def _check(
+    weighting: PureWeighting,
+    optimizer: Optimizer,
+    skip_nonfinite: bool,
+    *,
+    functions: Mapping[str, object],
+    modules: Mapping[str, object],
+) -> None:
+    """Checks, when the step is built, what does not depend on the step's inputs: an error
+    raised inside a compiled step reaches the caller as ``torch._dynamo.exc.Unsupported``."""
     if not isinstance(weighting, PureWeighting):
         raise TypeError(
             f"`weighting` must be a PureWeighting (e.g. `upgrad()`), got {type(weighting).__name__}."
@@ -87,28 +121,114 @@ def _check(weighting: PureWeighting, optimizer: Optimizer, **modules: object) ->
             f"`optimizer` must be a functional Optimizer (e.g. `sgd(0.1)`), got "
             f"{type(optimizer).__name__}."
         )
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(f"`skip_nonfinite` must be a bool, got {skip_nonfinite!r}.")
+    for name, function in functions.items():
+        if not callable(function):
+            raise TypeError(f"`{name}` must be a function, got {type(function).__name__}.")
     for name, module in modules.items():
         if not isinstance(module, nn.Module):
             raise TypeError(f"`{name}` must be a torch.nn.Module, got {type(module).__name__}.")
 
 
-def _finish(
-    params: TensorDictBase,
-    grads: TensorDictBase,
-    opt_state: Any,
-    optimizer: Optimizer,
-    agg_state: Any,
-    metrics: dict[str, Tensor],
-) -> StepOutput:
-    new_params, new_opt_state = optimizer.update(grads, opt_state, params)
-    return StepOutput(new_params, new_opt_state, agg_state, metrics)
+def _check_in_dims(in_dims: object) -> None:
+    dims = (in_dims,) if isinstance(in_dims, int) else in_dims
+    if (
+        not isinstance(dims, Sequence)
+        or isinstance(in_dims, bool)
+        or not all(d is None or (isinstance(d, int) and not isinstance(d, bool)) for d in dims)
+    ):
+        raise TypeError(
+            "`in_dims` must be an int (the batch dim of every input) or a sequence of ints and "
+            f"Nones (one per input; None: not batched), got {in_dims!r}."
+        )
 
 
-def _metrics(
-    losses: Tensor, aggregation: Aggregation, jacobian: TensorDictBase
-) -> dict[str, Tensor]:
-    decrease = inner_products(jacobian, aggregation.update)
-    return {"losses": losses, "weights": aggregation.weights, "decrease": decrease}
+def _check_heads_fn(heads_fn: object) -> None:
+    if isinstance(heads_fn, Mapping):
+        functions = list(heads_fn.values())
+    elif isinstance(heads_fn, Sequence):
+        functions = list(heads_fn)
+    else:
+        functions = [heads_fn]
+    if not functions or not all(callable(f) for f in functions):
+        raise TypeError(
+            "`heads_fn` must be a function, a non-empty sequence of functions or a non-empty "
+            f"mapping `task -> function`, got {heads_fn!r}."
+        )
+
+
+def _weigh(
+    jacobian: TensorDictBase, weighting: PureWeighting, agg_state: Any
+) -> tuple[Tensor, Tensor, Any, TensorDict, Tensor]:
+    """``(G, weights, state, Jᵀw, J Jᵀw)`` for a Jacobian of losses of any shape (the steps check
+    ``G``, the weighting's input, as well as its output)."""
+    square = flatten_gramian(gramian(jacobian))
+    flat_weights, new_state = weighting.update(square, agg_state)
+    weights = reshape_weights(flat_weights, jacobian.batch_size)
+    update = combine(jacobian, weights)
+    return square, weights, new_state, update, inner_products(jacobian, update)
+
+
+def _all_finite(*trees: Any) -> Tensor:
+    """``[]`` bool: whether every floating-point tensor in ``trees`` is finite (no host sync)."""
+    flags = [
+        torch.isfinite(leaf).all()
+        for leaf in pytree.tree_leaves(trees)
+        if isinstance(leaf, Tensor) and leaf.is_floating_point()
+    ]
+    return torch.stack(flags).all()
+
+
+def _select(keep_new: Tensor, new: Any, old: Any) -> Any:
+    """``new`` where ``keep_new``, else ``old``, tensor by tensor (the same pytree structure)."""
+    return pytree.tree_map(
+        lambda n, o: torch.where(keep_new, n, o) if isinstance(n, Tensor) else n, new, old
+    )
+
+
+def _step_fn(core: _Core, optimizer: Optimizer, skip_nonfinite: bool) -> StepFn:
+    """The step: ``core``, the optimizer, and the selection of the old or the new values."""
+
+    def step(
+        params: TensorDictBase, opt_state: Any, agg_state: Any, batch: Sequence[Any]
+    ) -> StepOutput:
+        parts = core(params, agg_state, batch)
+        new_params, new_opt_state = optimizer.update(parts.grads, opt_state, params)
+        metrics = {"losses": parts.losses, "weights": parts.weights, "decrease": parts.decrease}
+        if not skip_nonfinite:
+            skipped = torch.zeros((), dtype=torch.bool, device=parts.losses.device)
+            metrics["skipped"] = skipped
+            return StepOutput(new_params, new_opt_state, parts.agg_state, metrics)
+        # The weighting's input, its output and the update are all checked: a weighting with a
+        # state may give finite weights for a non-finite Gramian, and an update may overflow.
+        finite = _all_finite(
+            parts.losses,
+            parts.gramian,
+            parts.weights,
+            parts.decrease,
+            parts.grads,
+            new_params,
+            new_opt_state,
+        )
+        metrics["skipped"] = ~finite
+        return StepOutput(
+            _select(finite, new_params, params),
+            _select(finite, new_opt_state, opt_state),
+            _select(finite, parts.agg_state, agg_state),
+            metrics,
+        )
+
+    # Dynamo caches the compiled graphs of a function, and counts its recompilations against
+    # `torch._dynamo.config.recompile_limit` (8), per code object; every step would otherwise
+    # share the code object of `step` above, each new step failing the guards of the previous
+    # ones, so that a sweep of more than 8 compiled steps would stop with
+    # `FailOnRecompileLimitHit`. A copy of the code object is a code object of its own.
+    own = types.FunctionType(
+        step.__code__.replace(), step.__globals__, step.__name__, None, step.__closure__
+    )
+    own.__qualname__, own.__doc__ = step.__qualname__, step.__doc__
+    return own
 
 
 def jd_step(
@@ -117,6 +237,7 @@ def jd_step(
     optimizer: Optimizer,
     *,
     chunk_size: int | None = None,
+    skip_nonfinite: bool = True,
 ) -> StepFn:
     """A Jacobian-descent step for ``losses_fn(params, *batch)`` (losses of any shape ``s``).
 
@@ -147,17 +268,15 @@ def jd_step(
         >>> out.metrics["weights"].shape
         torch.Size([2])
     """
-    _check(weighting, optimizer)
+    _check(weighting, optimizer, skip_nonfinite, functions={"losses_fn": losses_fn}, modules={})
+    _check_chunk_size(chunk_size)
 
-    def step(
-        params: TensorDictBase, opt_state: Any, agg_state: Any, batch: Sequence[Any]
-    ) -> StepOutput:
+    def core(params: TensorDictBase, agg_state: Any, batch: Sequence[Any]) -> _Parts:
         losses, jacobian, _ = value_and_jacobian(losses_fn, params, *batch, chunk_size=chunk_size)
-        aggregation = aggregate(jacobian, weighting, agg_state)
-        metrics = _metrics(losses, aggregation, jacobian)
-        return _finish(params, aggregation.update, opt_state, optimizer, aggregation.state, metrics)
+        square, weights, new_state, update, decrease = _weigh(jacobian, weighting, agg_state)
+        return _Parts(losses, square, weights, new_state, update, decrease)
 
-    return step
+    return _step_fn(core, optimizer, skip_nonfinite)
 
 
 def per_sample_step(
@@ -167,6 +286,7 @@ def per_sample_step(
     *,
     in_dims: int | Sequence[int | None] = 0,
     chunk_size: int | None = None,
+    skip_nonfinite: bool = True,
 ) -> StepFn:
     """An IWRM (losses ``[B]``) or IWMTL (losses ``[B, m]``) step from a per-sample function.
 
@@ -185,19 +305,24 @@ def per_sample_step(
     Returns:
         ``step(params, opt_state, agg_state, batch) -> StepOutput``.
     """
-    _check(weighting, optimizer)
+    _check(
+        weighting,
+        optimizer,
+        skip_nonfinite,
+        functions={"sample_losses_fn": sample_losses_fn},
+        modules={},
+    )
+    _check_in_dims(in_dims)
+    _check_chunk_size(chunk_size)
 
-    def step(
-        params: TensorDictBase, opt_state: Any, agg_state: Any, batch: Sequence[Any]
-    ) -> StepOutput:
+    def core(params: TensorDictBase, agg_state: Any, batch: Sequence[Any]) -> _Parts:
         losses, jacobian, _ = value_and_per_sample_jacobian(
             sample_losses_fn, params, *batch, in_dims=in_dims, chunk_size=chunk_size
         )
-        aggregation = aggregate(jacobian, weighting, agg_state)
-        metrics = _metrics(losses, aggregation, jacobian)
-        return _finish(params, aggregation.update, opt_state, optimizer, aggregation.state, metrics)
+        square, weights, new_state, update, decrease = _weigh(jacobian, weighting, agg_state)
+        return _Parts(losses, square, weights, new_state, update, decrease)
 
-    return step
+    return _step_fn(core, optimizer, skip_nonfinite)
 
 
 def mtl_step(
@@ -209,6 +334,7 @@ def mtl_step(
     optimizer: Optimizer,
     *,
     chunk_size: int | None = None,
+    skip_nonfinite: bool = True,
 ) -> StepFn:
     """A multi-task step: shared trunk aggregated by ``weighting``, heads by their own gradient.
 
@@ -228,13 +354,13 @@ def mtl_step(
     Returns:
         ``step(params, opt_state, agg_state, (trunk_args, head_args)) -> StepOutput``.
     """
-    _check(weighting, optimizer)
+    _check(weighting, optimizer, skip_nonfinite, functions={"trunk_fn": trunk_fn}, modules={})
+    _check_heads_fn(heads_fn)
+    _check_chunk_size(chunk_size)
 
-    def step(
-        params: TensorDictBase, opt_state: Any, agg_state: Any, batch: Sequence[Any]
-    ) -> StepOutput:
+    def core(params: TensorDictBase, agg_state: Any, batch: Sequence[Any]) -> _Parts:
         _check_mtl_params(params)
-        trunk_args, head_args = batch
+        trunk_args, head_args = _check_pair(batch, "(trunk_args, head_args)")
         out = mtl_jacobian(
             trunk_fn,
             heads_fn,
@@ -244,20 +370,38 @@ def mtl_step(
             head_args,
             chunk_size=chunk_size,
         )
-        aggregation = aggregate(out.jacobian, weighting, agg_state)
-        grads = TensorDict({"shared": aggregation.update, "heads": out.head_grads}, batch_size=[])
-        metrics = _metrics(out.losses, aggregation, out.jacobian)
-        return _finish(params, grads, opt_state, optimizer, aggregation.state, metrics)
+        square, weights, new_state, update, decrease = _weigh(out.jacobian, weighting, agg_state)
+        grads = TensorDict({"shared": update, "heads": out.head_grads}, batch_size=[])
+        return _Parts(out.losses, square, weights, new_state, grads, decrease)
 
-    return step
+    return _step_fn(core, optimizer, skip_nonfinite)
 
 
 def _check_mtl_params(params: TensorDictBase) -> None:
-    if set(params.keys()) != {"shared", "heads"}:
+    if not isinstance(params, TensorDictBase) or set(params.keys()) != {"shared", "heads"}:
+        keys = sorted(params.keys()) if isinstance(params, TensorDictBase) else type(params)
         raise ValueError(
-            'An MTL step takes `params = TensorDict({"shared": ..., "heads": ...})`, got keys '
-            f"{sorted(params.keys())}."
+            f'An MTL step takes `params = TensorDict({{"shared": ..., "heads": ...}})`, got {keys}.'
         )
+
+
+def _describe(batch: object) -> str:
+    if isinstance(batch, Sequence) and not isinstance(batch, str):
+        return f"a {type(batch).__name__} of {[type(part).__name__ for part in batch]}"
+    return f"a {type(batch).__name__}"
+
+
+def _check_pair(batch: object, names: str) -> tuple[Sequence[Any], Sequence[Any]]:
+    if not (
+        isinstance(batch, Sequence)
+        and len(batch) == 2
+        and all(isinstance(part, Sequence) and not isinstance(part, str) for part in batch)
+    ):
+        raise ValueError(
+            f"This step takes `batch = {names}`, two tuples (wrap a single tensor `x` as "
+            f"`(x,)`), got {_describe(batch)}."
+        )
+    return batch[0], batch[1]
 
 
 def mtl_gramian_step(
@@ -265,6 +409,8 @@ def mtl_gramian_step(
     heads_fn: Callable[..., Tensor] | Mapping[str, Callable[..., Tensor]],
     weighting: PureWeighting,
     optimizer: Optimizer,
+    *,
+    skip_nonfinite: bool = True,
 ) -> StepFn:
     """:func:`mtl_step` for a trunk module of closed-form layers, without the task Jacobian.
 
@@ -325,15 +471,14 @@ def mtl_gramian_step(
         >>> out.metrics["weights"].shape
         torch.Size([2])
     """
-    _check(weighting, optimizer, trunk=trunk)
+    _check(weighting, optimizer, skip_nonfinite, functions={}, modules={"trunk": trunk})
+    _check_heads_fn(heads_fn)
     check_model(trunk, per_sample=False, step="mtl_gramian_step", fallback="mtl_step")
 
-    def step(
-        params: TensorDictBase, opt_state: Any, agg_state: Any, batch: Sequence[Any]
-    ) -> StepOutput:
+    def core(params: TensorDictBase, agg_state: Any, batch: Sequence[Any]) -> _Parts:
         _check_mtl_params(params)
-        trunk_inputs, head_args = batch
-        losses, square, combine, head_grads = value_and_mtl_gramian(
+        trunk_inputs, head_args = _check_pair(batch, "(trunk_inputs, head_args)")
+        losses, square, combine_update, head_grads = value_and_mtl_gramian(
             trunk,
             params["shared"],
             tuple(trunk_inputs),
@@ -342,15 +487,11 @@ def mtl_gramian_step(
             tuple(head_args),
         )
         weights, new_state = weighting.update(square, agg_state)
-        grads = TensorDict({"shared": combine(weights), "heads": head_grads}, batch_size=[])
-        metrics = {
-            "losses": losses,
-            "weights": weights,
-            "decrease": square @ weights.to(square.dtype),
-        }
-        return _finish(params, grads, opt_state, optimizer, new_state, metrics)
+        grads = TensorDict({"shared": combine_update(weights), "heads": head_grads}, batch_size=[])
+        decrease = square @ weights.to(square.dtype)
+        return _Parts(losses, square, weights, new_state, grads, decrease)
 
-    return step
+    return _step_fn(core, optimizer, skip_nonfinite)
 
 
 def gramian_step(
@@ -358,6 +499,8 @@ def gramian_step(
     losses_fn: Callable[..., Tensor],
     weighting: PureWeighting,
     optimizer: Optimizer,
+    *,
+    skip_nonfinite: bool = True,
 ) -> StepFn:
     """An IWRM (losses ``[B]``) or IWMTL (losses ``[B, m]``) step without the Jacobian.
 
@@ -416,28 +559,23 @@ def gramian_step(
         >>> out.metrics["weights"].shape
         torch.Size([8, 2])
     """
-    _check(weighting, optimizer, model=model)
+    _check(
+        weighting,
+        optimizer,
+        skip_nonfinite,
+        functions={"losses_fn": losses_fn},
+        modules={"model": model},
+    )
     check_model(model, per_sample=True, step="gramian_step", fallback="per_sample_step")
 
-    def step(
-        params: TensorDictBase, opt_state: Any, agg_state: Any, batch: Sequence[Any]
-    ) -> StepOutput:
-        if not (isinstance(batch, Sequence) and len(batch) == 2):
-            raise ValueError(
-                "A Gramian step takes `batch = (inputs, targets)`, two tuples: the model's "
-                "inputs and the further arguments of `losses_fn`."
-            )
-        inputs, targets = batch
-        losses, square, combine = value_and_per_sample_gramian(
+    def core(params: TensorDictBase, agg_state: Any, batch: Sequence[Any]) -> _Parts:
+        inputs, targets = _check_pair(batch, "(inputs, targets)")
+        losses, square, combine_update = value_and_per_sample_gramian(
             model, params, tuple(inputs), losses_fn, tuple(targets)
         )
         flat_weights, new_state = weighting.update(square, agg_state)
         weights = reshape_weights(flat_weights, losses.shape)
-        metrics = {
-            "losses": losses,
-            "weights": weights,
-            "decrease": (square @ flat_weights.to(square.dtype)).reshape(losses.shape),
-        }
-        return _finish(params, combine(weights), opt_state, optimizer, new_state, metrics)
+        decrease = (square @ flat_weights.to(square.dtype)).reshape(losses.shape)
+        return _Parts(losses, square, weights, new_state, combine_update(weights), decrease)
 
-    return step
+    return _step_fn(core, optimizer, skip_nonfinite)
