@@ -176,7 +176,7 @@ def test_rounding_level_asymmetry_is_solved_as_symmetric_part() -> None:
     perturbed = g + 1e-6 * g.trace() * torch.triu(torch.ones(5, 5), diagonal=1)
     sym = 0.5 * (perturbed + perturbed.T)
     for kernel in KERNELS:
-        torch.testing.assert_close(kernel(perturbed), kernel(sym))  # type: ignore[operator]
+        torch.testing.assert_close(kernel(perturbed), kernel(sym))
 
 
 def test_normalize_regularize_non_finite_gives_nan() -> None:
