@@ -175,8 +175,7 @@ def test_gradvac_resumed_from_a_saved_state_continues_exactly() -> None:
     torch.save(first_run.state, buffer)
     buffer.seek(0)
     resumed = GradVacWeighting(beta=0.3, seed=999)  # the saved key overrides the seed
-    resumed(matrices[0] @ matrices[0].T)  # sets the state up for m = 4 ...
-    resumed.state = torch.load(buffer, weights_only=False)  # ... then restores the saved one
+    resumed.state = torch.load(buffer, weights_only=False)  # assigned before any call
     results += [resumed(j @ j.T) for j in matrices[4:]]
 
     for actual, reference in zip(results, expected, strict=True):

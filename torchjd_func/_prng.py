@@ -9,6 +9,8 @@ A key is a 0-d ``int64`` tensor holding a 32-bit value. Random bits come from ha
 with 64-bit integer ops that never overflow: every product is split into 16-bit halves.
 """
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -30,8 +32,20 @@ def _hash32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+def check_seed(seed: object) -> int:
+    """Checks that ``seed`` is an int in ``[0, 2**32)``, the range of distinct keys."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
+    if not 0 <= seed <= _MASK32:
+        raise ValueError(
+            f"`seed` must be in [0, 2**32) (keys have 32 bits: others would collide), got {seed}."
+        )
+    return seed
+
+
 def key_from_seed(seed: int, device: torch.device | str | None = None) -> Tensor:
-    """A key ``[]`` (int64) from a Python integer seed."""
+    """A key ``[]`` (int64) from an integer seed in ``[0, 2**32)``."""
+    check_seed(seed)
     # The offset keeps seed 0 away from 0, a fixed point of the hash.
     return _hash32(torch.tensor((seed ^ 0x9E3779B9) & _MASK32, dtype=torch.int64, device=device))
 
@@ -47,15 +61,26 @@ def _bits(key: Tensor, shape: tuple[int, ...]) -> Tensor:
 
 
 def uniform(key: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """Uniform samples in ``(0, 1)`` of the given shape (24 random bits each)."""
-    return ((_bits(key, shape) >> 8).to(dtype) + 0.5) / float(1 << 24)
+    """Uniform samples in ``(0, 1)`` of the given floating-point shape and dtype.
+
+    Each is ``(2k + 1) / 2**(b + 1)`` for ``b = min(24, mantissa bits of dtype)`` random bits
+    ``k``: exact in ``dtype``, so even float16 and bfloat16 never round to 0 or 1.
+    """
+    bits = min(24, round(-math.log2(torch.finfo(dtype).eps)))  # mantissa bits
+    odd = 2 * (_bits(key, shape) >> (32 - bits)) + 1
+    return odd.to(dtype) / float(1 << (bits + 1))
 
 
 def normal(key: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """Standard normal samples (Box-Muller on two uniform streams)."""
+    """Standard normal samples (Box-Muller on two uniform streams), rounded to ``dtype``.
+
+    They are computed in float32 (float64 for float64): in float16 or bfloat16 the coarse
+    uniforms would give a coarse, truncated distribution.
+    """
+    work = torch.float64 if dtype == torch.float64 else torch.float32
     key_radius, key_angle = split(key)
-    radius = torch.sqrt(-2.0 * torch.log(uniform(key_radius, shape, dtype)))
-    return radius * torch.cos(2.0 * torch.pi * uniform(key_angle, shape, dtype))
+    radius = torch.sqrt(-2.0 * torch.log(uniform(key_radius, shape, work)))
+    return (radius * torch.cos(2.0 * torch.pi * uniform(key_angle, shape, work))).to(dtype)
 
 
 def permutations(key: Tensor, m: int, device: torch.device) -> Tensor:

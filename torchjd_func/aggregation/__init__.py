@@ -34,6 +34,7 @@ from torchjd_func.aggregation._base import (
     PureWeighting,
     UpdateFn,
     Weighting,
+    guard_nonfinite,
     stateless,
 )
 from torchjd_func.aggregation._constant import (
@@ -111,6 +112,7 @@ __all__ = [
     "dualproj_weights",
     "gradvac",
     "gradvac_weights",
+    "guard_nonfinite",
     "init_group_states",
     "mean",
     "mean_weights",

@@ -10,6 +10,10 @@ is ``Jᵀw``. Functionally, a weighting is a pair of pure functions, in the shap
 
 The class-style wrappers (``UPGradWeighting``, ``GradVac``, ...) hold that state explicitly in a
 ``state`` attribute and call the pure functions.
+
+Non-finite input: every built-in ``update`` is wrapped by :func:`guard_nonfinite`, so a Gramian
+with a NaN or an infinity gives NaN weights and returns the state unchanged (a skipped step is as
+if it never happened), selected with ``torch.where``: no host synchronisation.
 """
 
 from abc import ABC, abstractmethod
@@ -28,6 +32,7 @@ __all__ = [
     "UpdateFn",
     "Weighting",
     "check_gramian",
+    "guard_nonfinite",
     "stateless",
 ]
 
@@ -97,8 +102,47 @@ def check_gramian(gramian: object, m: int | None = None) -> Tensor:
     return gramian
 
 
+def nan_if_nonfinite(gramian: Tensor, weights: Tensor) -> Tensor:
+    """``weights [..., m]``, NaN wherever the matching Gramian ``[..., m, m]`` is not all finite."""
+    finite = gramian.isfinite().all(dim=-1).all(dim=-1, keepdim=True)
+    return torch.where(finite, weights, torch.full_like(weights, float("nan")))
+
+
+def guard_nonfinite(update: UpdateFn) -> UpdateFn:
+    """``update`` made safe for non-finite Gramians, without host synchronisation.
+
+    Where a Gramian of the batch ``[..., m, m]`` holds a NaN or an infinity, its weights are NaN;
+    if any Gramian of the batch does, every tensor of the returned state is the input state's (the
+    state is shared by the batch), as a skipped step of ``GradScaler`` leaves the optimizer.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import gradvac, guard_nonfinite
+        >>> weighting = gradvac()
+        >>> state = weighting.init(2)
+        >>> bad = torch.tensor([[1.0, float("inf")], [float("inf"), 1.0]])
+        >>> weights, new_state = weighting.update(bad, state)
+        >>> weights, torch.equal(new_state.key, state.key)
+        (tensor([nan, nan]), True)
+    """
+
+    def guarded(gramian: Tensor, state: Any) -> tuple[Tensor, Any]:
+        weights, new_state = update(gramian, state)
+        skip = gramian.isfinite().logical_not().any()
+        kept = [
+            torch.where(skip, old.to(new.dtype), new) if isinstance(new, Tensor) else new
+            for old, new in zip(state, new_state, strict=True)
+        ]
+        return nan_if_nonfinite(gramian, weights), type(new_state)(*kept)
+
+    return guarded
+
+
 def stateless(kernel: Callable[[Tensor], Tensor]) -> PureWeighting:
-    """A :class:`PureWeighting` from a pure kernel ``gramian [..., m, m] -> weights [..., m]``."""
+    """A :class:`PureWeighting` from a pure kernel ``gramian [..., m, m] -> weights [..., m]``.
+
+    Its ``update`` is guarded (:func:`guard_nonfinite`): non-finite Gramians give NaN weights.
+    """
 
     def init(
         m: int,
@@ -114,7 +158,7 @@ def stateless(kernel: Callable[[Tensor], Tensor]) -> PureWeighting:
             raise TypeError(f"Expected the EmptyState of a stateless weighting, got {state!r}.")
         return kernel(check_gramian(gramian)), state
 
-    return PureWeighting(init, update)
+    return PureWeighting(init, guard_nonfinite(update))
 
 
 def _format(value: object) -> str:
@@ -123,20 +167,59 @@ def _format(value: object) -> str:
     return repr(value)
 
 
+def _describe(tensor: Tensor) -> str:
+    return f"{list(tensor.shape)} {tensor.dtype} on {tensor.device}"
+
+
+def _construct(cls: type["Weighting"], hyperparameters: dict[str, Any]) -> "Weighting":
+    """Rebuilds a weighting from its constructor's arguments (what unpickling calls)."""
+    return cls(**hyperparameters)
+
+
 class Weighting(ABC):  # noqa: B024 (abstract by intent: a base without abstract methods)
     """A weighting object: ``weighting(gramian [m, m]) -> weights [m]``, holding its state.
 
-    Subclasses pass the :class:`PureWeighting` they wrap and their constructor arguments (for
-    ``repr``). The state is created on the first call, and re-created when the number of losses,
-    the dtype or the device of the Gramian changes (as TorchJD's stateful weightings do). It is
-    exposed as ``state`` (a NamedTuple of tensors: save it with ``torch.save``, restore it by
-    assignment), and :meth:`reset` forgets it.
+    Subclasses pass the :class:`PureWeighting` they wrap and their constructor arguments by name
+    (they make the ``repr`` and rebuild the object when it is unpickled). The state is created
+    on the first call, and re-created when the number of losses, the dtype or the device of the
+    Gramian changes (as TorchJD's stateful weightings do). It is exposed as ``state`` (a
+    NamedTuple of tensors): save it with ``torch.save`` and restore it by assignment, in this or
+    in a new object with the same arguments, to continue a run exactly. An assigned state is
+    checked against the next Gramian: one for another number of losses, dtype or device raises a
+    ``ValueError`` (it is never silently replaced). :meth:`reset` forgets the state. The object
+    itself, with its state, can be saved with ``torch.save`` (load it with
+    ``torch.load(..., weights_only=False)``).
+
+    Example:
+        >>> import io
+        >>> import torch
+        >>> from torchjd_func.aggregation import GradVacWeighting
+        >>> G = torch.tensor([[17.0, -22.0], [-22.0, 38.0]])
+        >>> weighting = GradVacWeighting(seed=0)
+        >>> first = weighting(G)
+        >>> buffer = io.BytesIO()
+        >>> torch.save(weighting.state, buffer)
+        >>> _ = buffer.seek(0)
+        >>> resumed = GradVacWeighting(seed=0)
+        >>> resumed.state = torch.load(buffer, weights_only=False)
+        >>> torch.equal(resumed(G), weighting(G))
+        True
     """
 
     def __init__(self, pure: PureWeighting, **hyperparameters: object) -> None:
         self.pure = pure
-        self.state: Any = None
         self._hyperparameters = hyperparameters
+        self.state = None
+
+    @property
+    def state(self) -> Any:
+        """The state of the wrapped :class:`PureWeighting` (``None`` before the first call)."""
+        return self._state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._state = value
+        # ``None``: an assigned state, checked against the next Gramian instead of replaced.
         self._signature: tuple[int, torch.dtype, torch.device] | None = None
 
     def __call__(self, gramian: Tensor, /) -> Tensor:
@@ -147,16 +230,44 @@ class Weighting(ABC):  # noqa: B024 (abstract by intent: a base without abstract
                 " Use the pure `update` function to weight a batch of Gramians."
             )
         signature = (gramian.shape[0], gramian.dtype, gramian.device)
-        if self.state is None or signature != self._signature:
-            self.state = self.pure.init(signature[0], dtype=signature[1], device=signature[2])
-            self._signature = signature
-        weights, self.state = self.pure.update(gramian, self.state)
+        state = self._state
+        if state is None or (self._signature is not None and signature != self._signature):
+            state = self.pure.init(signature[0], dtype=signature[1], device=signature[2])
+        elif self._signature is None:
+            self._check_assigned(state, signature)
+        weights, self.state = self.pure.update(gramian, state)
+        self._signature = signature
         return weights
+
+    def _check_assigned(self, state: Any, signature: tuple[int, torch.dtype, torch.device]) -> None:
+        """Checks an assigned state against the one ``init`` makes for the Gramian's signature."""
+        expected = self.pure.init(signature[0], dtype=signature[1], device=signature[2])
+        problem = f"a {type(state).__name__}, expected a {type(expected).__name__}"
+        if type(state) is type(expected):
+            problem = ""
+            for field, have, want in zip(expected._fields, state, expected, strict=True):
+                if not isinstance(have, Tensor) or (
+                    (have.shape, have.dtype, have.device) != (want.shape, want.dtype, want.device)
+                ):
+                    got = _describe(have) if isinstance(have, Tensor) else type(have).__name__
+                    problem = f"`{field}` is {got}, expected {_describe(want)}"
+                    break
+        if problem:
+            raise ValueError(
+                f"The state assigned to {type(self).__name__} does not fit a Gramian for "
+                f"{signature[0]} losses in {signature[1]} on {signature[2]}: {problem}. Assign a "
+                "state saved from a run with the same number of losses, dtype and device (move "
+                "it with `.to(...)` on each tensor), or call `reset()` to start afresh."
+            )
 
     def reset(self) -> None:
         """Forgets the state: the next call behaves like the first one."""
         self.state = None
-        self._signature = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The wrapped PureWeighting is made of closures: rebuild it from the arguments.
+        attributes = {k: v for k, v in vars(self).items() if k != "pure"}
+        return _construct, (type(self), self._hyperparameters), attributes
 
     def __repr__(self) -> str:
         arguments = ", ".join(f"{k}={_format(v)}" for k, v in self._hyperparameters.items())

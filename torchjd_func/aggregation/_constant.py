@@ -1,5 +1,6 @@
 """Constant: a fixed linear combination of the rows, ``A(J) = Σ_i c_i g_i``."""
 
+import torch
 from torch import Tensor
 
 from torchjd_func.aggregation._base import (
@@ -7,23 +8,36 @@ from torchjd_func.aggregation._base import (
     PureWeighting,
     Weighting,
     check_gramian,
+    nan_if_nonfinite,
     stateless,
 )
 
 __all__ = ["Constant", "ConstantWeighting", "constant", "constant_weights"]
 
 
-def check_vector(weights: object, name: str) -> Tensor:
-    """Checks that ``weights`` is a non-empty 1-D floating-point tensor."""
+def _check_vector_type(weights: object, name: str) -> Tensor:
+    """Checks that ``weights`` is a non-empty 1-D floating-point tensor (no host sync)."""
     if not isinstance(weights, Tensor):
-        raise TypeError(f"`{name}` must be a Tensor, got {type(weights).__name__}.")
+        raise TypeError(
+            f"`{name}` must be a Tensor [m], got {type(weights).__name__}: pass "
+            f"`torch.tensor(...)` with one float per loss."
+        )
     if weights.ndim != 1 or weights.shape[0] == 0:
         raise ValueError(
-            f"`{name}` must be a non-empty vector [m], got shape {list(weights.shape)}."
+            f"`{name}` must be a non-empty vector [m], one entry per loss, got shape "
+            f"{list(weights.shape)}."
         )
     if not weights.is_floating_point():
         raise TypeError(f"`{name}` must be floating-point, got dtype {weights.dtype}.")
     return weights
+
+
+def check_vector(weights: object, name: str) -> Tensor:
+    """Checks, once at construction, that ``weights`` is a finite non-empty float vector."""
+    vector = _check_vector_type(weights, name)
+    if not bool(torch.isfinite(vector).all()):
+        raise ValueError(f"`{name}` must be finite, got {vector.tolist()}.")
+    return vector
 
 
 def constant_weights(gramian: Tensor, weights: Tensor) -> Tensor:
@@ -34,7 +48,8 @@ def constant_weights(gramian: Tensor, weights: Tensor) -> Tensor:
         weights: Weights ``[m]``.
 
     Returns:
-        ``weights`` ``[..., m]`` in the dtype and on the device of ``gramian``.
+        ``weights`` ``[..., m]`` in the dtype and on the device of ``gramian``; NaN for a
+        non-finite Gramian.
 
     Raises:
         ValueError: ``weights`` does not have one entry per loss.
@@ -46,14 +61,14 @@ def constant_weights(gramian: Tensor, weights: Tensor) -> Tensor:
         tensor([1., 2.])
     """
     check_gramian(gramian)
-    check_vector(weights, "weights")
+    _check_vector_type(weights, "weights")
     if weights.shape[0] != gramian.shape[-1]:
         raise ValueError(
             f"{weights.shape[0]} constant weights for a Gramian of {gramian.shape[-1]} losses: "
             "give one weight per loss."
         )
     out = weights.to(dtype=gramian.dtype, device=gramian.device)
-    return out.expand(*gramian.shape[:-1])
+    return nan_if_nonfinite(gramian, out.expand(*gramian.shape[:-1]))
 
 
 def constant(weights: Tensor) -> PureWeighting:

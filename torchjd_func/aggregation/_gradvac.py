@@ -23,7 +23,8 @@ For task ``i`` and each other task ``j`` in a random order, with ``c = C[i]``:
 All tasks are processed at once (one static loop over the ``m − 1`` partners, vectorised over the
 tasks): each task only reads and writes its own row of ``C`` and of ``φ̂``, so this is exactly the
 sequential algorithm. The task orders come from the key in the state. Like TorchJD's, these
-weightings are not differentiable (the Gramian is detached).
+weightings are not differentiable (the Gramian is detached). A non-finite Gramian gives NaN
+weights, and the factories' ``update`` then returns the state unchanged (``guard_nonfinite``).
 """
 
 from typing import NamedTuple
@@ -31,12 +32,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from torchjd_func._prng import key_from_seed, permutations, split
+from torchjd_func._prng import check_seed, key_from_seed, permutations, split
 from torchjd_func.aggregation._base import (
     GramianWeightedAggregator,
     PureWeighting,
     Weighting,
     check_gramian,
+    guard_nonfinite,
+    nan_if_nonfinite,
 )
 from torchjd_func.aggregation._random import keyed, seed_or_draw
 from torchjd_func.aggregation._upgrad import check_eps
@@ -116,7 +119,7 @@ def pcgrad_weights(gramian: Tensor, key: Tensor) -> Tensor:
     check_gramian(gramian)
     orders = permutations(key, gramian.shape[-1], gramian.device)
     weights, _ = _surgery(gramian, orders, None, 0.0, 0.0)
-    return weights
+    return nan_if_nonfinite(gramian, weights)
 
 
 def gradvac_weights(
@@ -132,7 +135,7 @@ def gradvac_weights(
         eps: Added to denominators.
 
     Returns:
-        ``(weights [..., m], new targets)``.
+        ``(weights [..., m], new targets)``: NaN weights (and targets) for a non-finite Gramian.
 
     Example:
         >>> import torch
@@ -157,7 +160,7 @@ def gradvac_weights(
     orders = permutations(key, m, gramian.device)
     weights, new_targets = _surgery(gramian, orders, targets.to(gramian.dtype), beta, eps)
     assert new_targets is not None
-    return weights, new_targets
+    return nan_if_nonfinite(gramian, weights), new_targets
 
 
 def pcgrad(*, seed: int = 0) -> PureWeighting:
@@ -196,6 +199,7 @@ def gradvac(beta: float = 0.5, eps: float = 1e-8, *, seed: int = 0) -> PureWeigh
     if check_eps(beta, "beta") > 1:
         raise ValueError(f"`beta` must be in [0, 1], got {beta}.")
     check_eps(eps, "eps")
+    check_seed(seed)
 
     def init(
         m: int,
@@ -207,11 +211,15 @@ def gradvac(beta: float = 0.5, eps: float = 1e-8, *, seed: int = 0) -> PureWeigh
         return GradVacState(targets, key_from_seed(seed, device))
 
     def update(gramian: Tensor, state: GradVacState) -> tuple[Tensor, GradVacState]:
+        if not isinstance(state, GradVacState):
+            raise TypeError(
+                f"Expected a GradVacState (from `gradvac(...).init(m)`), got {state!r}."
+            )
         kept, used = split(state.key)
         weights, targets = gradvac_weights(gramian, state.targets, used, beta=beta, eps=eps)
         return weights, GradVacState(targets, kept)
 
-    return PureWeighting(init, update)
+    return PureWeighting(init, guard_nonfinite(update))
 
 
 class PCGradWeighting(Weighting):
@@ -230,7 +238,7 @@ class PCGradWeighting(Weighting):
 
     def __init__(self, seed: int | None = None) -> None:
         self.seed = seed_or_draw(seed)
-        super().__init__(pcgrad(seed=self.seed))
+        super().__init__(pcgrad(seed=self.seed), seed=self.seed)
 
 
 class PCGrad(GramianWeightedAggregator):
@@ -269,7 +277,7 @@ class GradVacWeighting(Weighting):
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int | None = None) -> None:
         self.seed = seed_or_draw(seed)
-        super().__init__(gradvac(beta, eps, seed=self.seed), beta=beta, eps=eps)
+        super().__init__(gradvac(beta, eps, seed=self.seed), beta=beta, eps=eps, seed=self.seed)
 
 
 class GradVac(GramianWeightedAggregator):

@@ -8,6 +8,7 @@ from torchjd_func.aggregation._base import (
     PureWeighting,
     Weighting,
     check_gramian,
+    nan_if_nonfinite,
     stateless,
 )
 
@@ -15,13 +16,13 @@ __all__ = ["Mean", "MeanWeighting", "mean", "mean_weights"]
 
 
 def mean_weights(gramian: Tensor) -> Tensor:
-    """``w = 1/m`` for each of the ``m`` losses (only the Gramian's size is used).
+    """``w = 1/m`` for each of the ``m`` losses (only the Gramian's size and finiteness are used).
 
     Args:
         gramian: Gramians ``[..., m, m]``.
 
     Returns:
-        Weights ``[..., m]``, dtype and device of ``gramian``.
+        Weights ``[..., m]``, dtype and device of ``gramian``; NaN for a non-finite Gramian.
 
     Example:
         >>> import torch
@@ -31,7 +32,8 @@ def mean_weights(gramian: Tensor) -> Tensor:
     """
     check_gramian(gramian)
     m = gramian.shape[-1]
-    return torch.full(gramian.shape[:-1], 1.0 / m, dtype=gramian.dtype, device=gramian.device)
+    weights = torch.full(gramian.shape[:-1], 1.0 / m, dtype=gramian.dtype, device=gramian.device)
+    return nan_if_nonfinite(gramian, weights)
 
 
 def mean() -> PureWeighting:

@@ -13,12 +13,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from torchjd_func._prng import key_from_seed, normal, split
+from torchjd_func._prng import check_seed, key_from_seed, normal, split
 from torchjd_func.aggregation._base import (
     GramianWeightedAggregator,
     PureWeighting,
     Weighting,
     check_gramian,
+    guard_nonfinite,
+    nan_if_nonfinite,
 )
 
 __all__ = [
@@ -43,11 +45,11 @@ def random_weights(gramian: Tensor, key: Tensor) -> Tensor:
     """``softmax(ε)`` with ``ε ~ N(0, I)`` drawn from ``key``, one draw per leading index.
 
     Args:
-        gramian: Gramians ``[..., m, m]`` (only the shape is used).
+        gramian: Gramians ``[..., m, m]`` (only their shape and finiteness are used).
         key: ``[]`` int64 key (see :class:`RandomState`).
 
     Returns:
-        Positive weights ``[..., m]`` summing to 1.
+        Positive weights ``[..., m]`` summing to 1 (NaN for a non-finite Gramian).
 
     Example:
         >>> import torch
@@ -57,8 +59,9 @@ def random_weights(gramian: Tensor, key: Tensor) -> Tensor:
         (True, 1.0)
     """
     check_gramian(gramian)
-    noise = normal(key.to(gramian.device), tuple(gramian.shape[:-1]), gramian.dtype)
-    return torch.softmax(noise, dim=-1)
+    work = torch.float64 if gramian.dtype == torch.float64 else torch.float32
+    noise = normal(key.to(gramian.device), tuple(gramian.shape[:-1]), work)
+    return nan_if_nonfinite(gramian, torch.softmax(noise, dim=-1).to(gramian.dtype))
 
 
 def random_(*, seed: int = 0) -> PureWeighting:
@@ -83,7 +86,9 @@ def random_(*, seed: int = 0) -> PureWeighting:
 
 def keyed(kernel: Callable[[Tensor, Tensor], Tensor], seed: int) -> PureWeighting:
     """A :class:`PureWeighting` of a randomised ``kernel(gramian, key)``: its state is a
-    :class:`RandomState` whose key is split at every call."""
+    :class:`RandomState` whose key is split at every call (kept for a non-finite Gramian, see
+    :func:`guard_nonfinite`)."""
+    check_seed(seed)
 
     def init(
         m: int,
@@ -95,19 +100,21 @@ def keyed(kernel: Callable[[Tensor, Tensor], Tensor], seed: int) -> PureWeightin
         return RandomState(key_from_seed(seed, device))
 
     def update(gramian: Tensor, state: RandomState) -> tuple[Tensor, RandomState]:
+        if not isinstance(state, RandomState):
+            raise TypeError(
+                f"Expected a RandomState (from this weighting's `init`), got {state!r}."
+            )
         kept, used = split(state.key)
         return kernel(gramian, used), RandomState(kept)
 
-    return PureWeighting(init, update)
+    return PureWeighting(init, guard_nonfinite(update))
 
 
 def seed_or_draw(seed: int | None) -> int:
     """``seed``, or one drawn from torch's global generator (so ``torch.manual_seed`` applies)."""
     if seed is None:
         return int(torch.randint(0, 2**31 - 1, ()).item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"`seed` must be an int or None, got {type(seed).__name__}.")
-    return seed
+    return check_seed(seed)
 
 
 class RandomWeighting(Weighting):
@@ -138,7 +145,7 @@ class Random(GramianWeightedAggregator):
         >>> import torch
         >>> from torchjd_func.aggregation import Random
         >>> Random(seed=0)(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))[1:]
-        tensor([1., 1.])
+        tensor([1.0000, 1.0000])
     """
 
     def __init__(self, seed: int | None = None) -> None:

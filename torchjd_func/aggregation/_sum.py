@@ -8,6 +8,7 @@ from torchjd_func.aggregation._base import (
     PureWeighting,
     Weighting,
     check_gramian,
+    nan_if_nonfinite,
     stateless,
 )
 
@@ -15,13 +16,13 @@ __all__ = ["Sum", "SumWeighting", "sum_", "sum_weights"]
 
 
 def sum_weights(gramian: Tensor) -> Tensor:
-    """``w = 1`` for each of the ``m`` losses (only the Gramian's size is used).
+    """``w = 1`` for each of the ``m`` losses (only the Gramian's size and finiteness are used).
 
     Args:
         gramian: Gramians ``[..., m, m]``.
 
     Returns:
-        Weights ``[..., m]``, dtype and device of ``gramian``.
+        Weights ``[..., m]``, dtype and device of ``gramian``; NaN for a non-finite Gramian.
 
     Example:
         >>> import torch
@@ -30,7 +31,8 @@ def sum_weights(gramian: Tensor) -> Tensor:
         tensor([1., 1., 1.])
     """
     check_gramian(gramian)
-    return torch.ones(gramian.shape[:-1], dtype=gramian.dtype, device=gramian.device)
+    ones = torch.ones(gramian.shape[:-1], dtype=gramian.dtype, device=gramian.device)
+    return nan_if_nonfinite(gramian, ones)
 
 
 def sum_() -> PureWeighting:
