@@ -250,6 +250,10 @@ def jd_step(
         weighting: E.g. ``upgrad()``; its state is threaded through ``agg_state``.
         optimizer: E.g. ``sgd(0.1, momentum=0.9)`` or ``adam(1e-3)``.
         chunk_size: Rows of the Jacobian computed at once (see ``value_and_jacobian``).
+        skip_nonfinite: If ``True`` (default), a step that meets a non-finite loss, Gramian,
+            weight, decrease, update, new parameter or new optimizer state returns ``params``,
+            ``opt_state`` and ``agg_state`` unchanged, with ``metrics["skipped"]`` ``True``
+            (selected with ``torch.where``, no host sync). ``False``: non-finite values propagate.
 
     Returns:
         ``step(params, opt_state, agg_state, batch) -> StepOutput``.
@@ -301,6 +305,10 @@ def per_sample_step(
         optimizer: E.g. ``sgd(0.1)``.
         in_dims: Batch dim of each input of ``batch`` (``None``: not batched).
         chunk_size: Samples processed at once (``None``: all).
+        skip_nonfinite: If ``True`` (default), a step that meets a non-finite loss, Gramian,
+            weight, decrease, update, new parameter or new optimizer state returns ``params``,
+            ``opt_state`` and ``agg_state`` unchanged, with ``metrics["skipped"]`` ``True``
+            (selected with ``torch.where``, no host sync). ``False``: non-finite values propagate.
 
     Returns:
         ``step(params, opt_state, agg_state, batch) -> StepOutput``.
@@ -350,6 +358,10 @@ def mtl_step(
         weighting: E.g. ``upgrad()``, initialised for ``m`` losses.
         optimizer: E.g. ``sgd(0.1)``, initialised with the whole ``params``.
         chunk_size: Losses differentiated at once.
+        skip_nonfinite: If ``True`` (default), a step that meets a non-finite loss, Gramian,
+            weight, decrease, update, new parameter or new optimizer state returns ``params``,
+            ``opt_state`` and ``agg_state`` unchanged, with ``metrics["skipped"]`` ``True``
+            (selected with ``torch.where``, no host sync). ``False``: non-finite values propagate.
 
     Returns:
         ``step(params, opt_state, agg_state, (trunk_args, head_args)) -> StepOutput``.
@@ -441,14 +453,20 @@ def mtl_gramian_step(
             makes every task's backward pass compute the zero cotangents of the other heads).
         weighting: E.g. ``upgrad()``, initialised for ``m`` losses.
         optimizer: E.g. ``sgd(0.1)``, initialised with the whole ``params``.
+        skip_nonfinite: If ``True`` (default), a step that meets a non-finite loss, Gramian,
+            weight, decrease, update, new parameter or new optimizer state returns ``params``,
+            ``opt_state`` and ``agg_state`` unchanged, with ``metrics["skipped"]`` ``True``
+            (selected with ``torch.where``, no host sync). ``False``: non-finite values propagate.
 
     Returns:
         ``step(params, opt_state, agg_state, (trunk_inputs, head_args)) -> StepOutput``.
 
     Raises:
-        TypeError: (at the step) a trainable parameter of the trunk belongs to an unsupported
-            module.
-        ValueError: (at the step) bad ``params`` keys, or losses that are not a vector ``[m]``.
+        TypeError: (when the step is built, and at the step) a trainable parameter of the trunk
+            belongs to an unsupported module; (when built) a bad ``weighting``, ``optimizer``,
+            ``heads_fn`` or ``skip_nonfinite``.
+        ValueError: (at the step) bad ``params`` keys or ``batch``, or losses that are not a
+            vector ``[m]``.
 
     Example:
         >>> import torch
@@ -532,14 +550,20 @@ def gramian_step(
         losses_fn: ``losses_fn(outputs, *targets) -> losses [B] or [B, m]``.
         weighting: E.g. ``upgrad()``.
         optimizer: E.g. ``sgd(0.1)``.
+        skip_nonfinite: If ``True`` (default), a step that meets a non-finite loss, Gramian,
+            weight, decrease, update, new parameter or new optimizer state returns ``params``,
+            ``opt_state`` and ``agg_state`` unchanged, with ``metrics["skipped"]`` ``True``
+            (selected with ``torch.where``, no host sync). ``False``: non-finite values propagate.
 
     Returns:
         ``step(params, opt_state, agg_state, (inputs, targets)) -> StepOutput``.
 
     Raises:
-        TypeError: (at the step) a trainable parameter belongs to an unsupported module.
-        ValueError: (at the step) the losses are not ``[B]`` or ``[B, m]``, or a module couples
-            the samples.
+        TypeError: (when the step is built, and at the step) a trainable parameter belongs to an
+            unsupported module; (when built) a bad ``weighting``, ``optimizer`` or
+            ``skip_nonfinite``.
+        ValueError: (when the step is built, and at the step) a module couples the samples; (at
+            the step) a bad ``batch``, or losses that are not ``[B]`` or ``[B, m]``.
 
     Example:
         >>> import torch
