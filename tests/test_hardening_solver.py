@@ -116,7 +116,7 @@ def test_kernels_check_pref_vector(kernel: object) -> None:
 )
 def test_constructors_reject_bad_pref_values(factory: object) -> None:
     for pref in ([1.0, -1.0], [1.0, math.nan], [math.inf, 1.0]):
-        with pytest.raises(ValueError, match="finite|non-negative"):
+        with pytest.raises(ValueError, match=r"finite|non-negative"):
             factory(torch.tensor(pref))  # type: ignore[operator]
     with pytest.raises(TypeError, match="pref_vector"):
         factory([1.0, 1.0])  # type: ignore[operator]
