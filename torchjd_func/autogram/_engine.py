@@ -248,9 +248,11 @@ class Engine:
         try:
             if not reached:
                 raise _not_depending(recorded=True)
+            calls = _dedup(r.call for r in reached)
+            for call in calls:
+                _check_not_aliased(call)
             owners = {key: name for key, (name, _) in self._trainable_params().items()}
             check_params_used_inside(root, self._state.key, owners)
-            calls = _dedup(r.call for r in reached)
             for call in calls:
                 _check_unchanged(call)
             batch_size = _batch_size(calls)
@@ -378,6 +380,16 @@ def _check_no_randomness(units: Sequence[nn.Module]) -> None:
                     "would draw a different mask. Set its dropout to 0.0 (Dropout layers outside "
                     f"modules holding parameters are fine). {_FALLBACK}"
                 )
+
+
+def _check_not_aliased(call: Call) -> None:
+    if call.aliased:
+        raise ValueError(
+            f"{type(call.module).__name__} returned several outputs that share memory (e.g. a "
+            "tensor and a view of it): with `batch_dim` set, the derivatives w.r.t. each of them "
+            "cannot be told apart. Return tensors that do not alias each other (e.g. `.clone()` "
+            f"one of them), or return only one of them. {_FALLBACK}"
+        )
 
 
 def _check_unchanged(call: Call) -> None:

@@ -6,6 +6,14 @@ that part of the graph: a forward whose output never reaches :meth:`Engine.compu
 nothing behind once its graph is freed, and the engine itself holds no activation. A record holds
 the call's inputs (upstream of its output nodes) and never its outputs, so it closes no reference
 cycle through the C++ graph, which Python's garbage collector could not break.
+
+An in-place operation on a module's output (``nn.ReLU(inplace=True)``, ``out += identity``)
+gives the output a new node whose next edge is the recorded one, so the record stays in the graph
+and its cotangent is the derivative w.r.t. the output as the module returned it. Not so for an
+output that is a *view* (``InstanceNorm``, ``nn.Linear`` on ``[B, T, in]``, a module ending in
+``.view``/``[:, :k]``): an in-place operation on a view rewrites the history of its base and
+drops the view's node, record included. Such outputs are returned through :class:`_Anchor`, an
+identity autograd node (same values, same storage, not a view), on which the record is kept.
 """
 
 import itertools
@@ -19,7 +27,7 @@ from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 # `torch.utils._pytree` is private but is what torch.func itself uses to walk module inputs and
 # outputs; TorchJD's engine relies on it too.
-from torch.utils._pytree import tree_flatten, tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 _TOKENS = itertools.count()
 
@@ -45,6 +53,8 @@ class Call:
     """The outputs that require grad, in the order of the output pytree's leaves."""
     versions: list[int]
     """Version counters of the input tensors at the end of the call."""
+    aliased: bool = False
+    """Whether outputs share memory without coming from one node (see ``_anchor_outputs``)."""
 
     def input_tensors(self) -> list[Tensor]:
         return [t for t in tree_leaves((self.args, self.kwargs)) if isinstance(t, Tensor)]
@@ -67,39 +77,131 @@ class RecordingState:
         self.paused = False
 
 
+class _Anchor(torch.autograd.Function):
+    """Identity on tensors, as a node of its own: its outputs share the values, storage and
+    version counters of its inputs but are not views, so an in-place operation on them keeps this
+    node (and the record on it) in the graph."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*tensors: Tensor) -> tuple[Tensor, ...]:
+        return tuple(t.detach() for t in tensors)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor, ...]:
+        return grads
+
+
+def _storage_key(tensor: Tensor) -> int | None:
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # e.g. a tensor wrapped by torch.func
+        return None
+    return pointer or None  # 0: an empty (or meta) storage, which identifies nothing
+
+
+class _Outputs(NamedTuple):
+    leaves: list[Any]
+    """The output leaves, anchored where needed."""
+    replaced: bool
+    aliased: bool
+    """Whether outputs to record share memory with each other without coming from one node
+    (e.g. a tensor and a view of it): their cotangents overlap and cannot be told apart."""
+
+
+def _anchor_outputs(
+    module: nn.Module, inputs: list[Tensor], leaves: list[Any], candidates: list[Tensor]
+) -> _Outputs:
+    """Routes the outputs to record (``candidates``) through one :class:`_Anchor` node when they
+    need it: a view (an in-place operation on it would drop its node), or one of several outputs
+    (the node of one may be upstream of another's, as in ``return h, 2 * h``, whose cotangent would
+    then include the other's). The anchor's outputs get the cotangents of their uses outside the
+    module only.
+
+    An output sharing memory with an input, a parameter or a buffer of the module, or with another
+    output, is left as is: anchoring would hide the aliasing from autograd (an in-place operation on
+    it would change the other tensor without rewriting its history).
+    """
+    unique = list({id(t): t for t in candidates}.values())
+    if len(unique) == 1 and not unique[0]._is_view():
+        return _Outputs(leaves, False, False)
+    keys = {id(t): _storage_key(t) for t in unique}
+    sharing: dict[int | None, list[Tensor]] = {}
+    for t in unique:
+        sharing.setdefault(keys[id(t)], []).append(t)
+    aliased = any(
+        key is not None and len({id(t.grad_fn) for t in group}) > 1
+        for key, group in sharing.items()
+    )
+    outside = {id(t) for t in unique}
+    known = {
+        _storage_key(t)
+        for t in [*inputs, *module.parameters(), *module.buffers()]
+        + [leaf for leaf in leaves if isinstance(leaf, Tensor) and id(leaf) not in outside]
+    }
+    chosen = [
+        t
+        for t in unique
+        if keys[id(t)] is not None and keys[id(t)] not in known and len(sharing[keys[id(t)]]) == 1
+    ]
+    if not chosen:
+        return _Outputs(leaves, False, aliased)
+    # `Function.apply` is untyped in torch's annotations.
+    through: tuple[Tensor, ...] = _Anchor.apply(*chosen)  # type: ignore[no-untyped-call]
+    anchored = dict(zip((id(t) for t in chosen), through, strict=True))
+    new = [anchored.get(id(leaf), leaf) if isinstance(leaf, Tensor) else leaf for leaf in leaves]
+    return _Outputs(new, True, aliased)
+
+
 class Recorder:
-    """Forward hook (``with_kwargs=True``) recording each call in the graph; returns ``None``,
-    so the module's outputs are left untouched."""
+    """Forward hook (``with_kwargs=True``) recording each call in the graph. It returns ``None``
+    (the module's outputs are left untouched) unless an output is a view or the module has
+    several outputs to record: then the outputs with those anchored (see
+    :func:`_anchor_outputs`)."""
 
     def __init__(self, state: RecordingState) -> None:
         self.state = state
 
     def __call__(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-    ) -> None:
+    ) -> Any:
         if self.state.paused:
-            return
+            return None
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         input_edges = [_edge_key(get_gradient_edge(t)) for t in inputs if t.requires_grad]
+        flat, spec = tree_flatten(output)
+        # No graph (no grad needed) or a leaf tensor (a parameter returned as is): nothing to
+        # record. A parameter used that way is caught by `check_params_used_inside`. An input
+        # returned unchanged carries no derivative w.r.t. the module's params; recording it would
+        # also make the record reference its own node (a cycle).
+        candidates = [
+            leaf
+            for leaf in flat
+            if isinstance(leaf, Tensor)
+            and leaf.grad_fn is not None
+            and _edge_key(get_gradient_edge(leaf)) not in input_edges
+        ]
+        if not candidates:
+            return None
+        outputs = _anchor_outputs(module, inputs, flat, candidates)
+        chosen = {id(t) for t in candidates}
+        recorded = {id(outputs.leaves[i]) for i, leaf in enumerate(flat) if id(leaf) in chosen}
         slots: list[OutputSlot] = []
         edges: list[GradientEdge] = []
-        for index, leaf in enumerate(tree_flatten(output)[0]):
-            if not isinstance(leaf, Tensor) or leaf.grad_fn is None:
-                # No graph (no grad needed) or a leaf tensor (a parameter returned as is): nothing
-                # to record. A parameter used that way is caught by `check_params_used_inside`.
-                continue
-            edge = get_gradient_edge(leaf)
-            if _edge_key(edge) in input_edges:
-                # An input returned unchanged carries no derivative w.r.t. the module's params;
-                # recording it would also make the record reference its own node (a cycle).
-                continue
-            slots.append(OutputSlot(index, leaf.shape, leaf.dtype, leaf.device))
-            edges.append(edge)
-        if not slots:
-            return
-        call = Call(module, args, kwargs, slots, [t._version for t in inputs])
+        for index, leaf in enumerate(outputs.leaves):
+            if id(leaf) in recorded:
+                slots.append(OutputSlot(index, leaf.shape, leaf.dtype, leaf.device))
+                edges.append(get_gradient_edge(leaf))
+        call = Call(module, args, kwargs, slots, [t._version for t in inputs], outputs.aliased)
         for slot, edge in enumerate(edges):
-            _metadata(edge.node).setdefault(self.state.key, []).append((call, slot, edge.output_nr))
+            entry = (call, slot, edge.output_nr)
+            _metadata(edge.node).setdefault(self.state.key, []).append(entry)
+        return tree_unflatten(outputs.leaves, spec) if outputs.replaced else None
 
 
 def _metadata(node: Node) -> dict[str, Any]:
