@@ -295,8 +295,10 @@ def _probe_hooks(
     probes: Sequence[Tensor],
     recorded: list[Tensor],
     fallback: str,
+    versions: list[int] | None = None,
 ) -> Callable[[int], Hook]:
-    """Hooks that record each layer call's input in ``recorded`` and add its probe to the
+    """Hooks that record each layer call's input in ``recorded`` (and, eagerly, its version
+    counter in ``versions``, for :func:`_check_inputs_unchanged`) and add its probe to the
     output, checking that the calls come in the order of ``plan``."""
 
     def hook_of(i: int) -> Hook:
@@ -313,11 +315,32 @@ def _probe_hooks(
                     f"to have a closed-form Gramian. Use `{fallback}`."
                 )
             recorded.append(args[0])
+            if versions is not None and not torch.compiler.is_compiling():
+                versions.append(args[0]._version)  # dynamo does not trace `_version`
             return output + probes[n]
 
         return hook
 
     return hook_of
+
+
+def _check_inputs_unchanged(
+    layers: Sequence[_Layer],
+    plan: Sequence[_Plan],
+    recorded: Sequence[Tensor],
+    versions: Sequence[int],
+    fallback: str,
+) -> None:
+    """Raises if a layer's input was modified in place after the layer used it (e.g.
+    ``h += layer(h)``): its closed-form Gramian would use the modified values. Eager only (the
+    versions are not recorded under ``torch.compile``)."""
+    for step, x, version in zip(plan, recorded, versions, strict=False):
+        if x._version != version:
+            raise ValueError(
+                f"The input of {layers[step.layer]} was modified in place after the layer used "
+                "it (e.g. `h += layer(h)`), so its closed-form Gramian would use the modified "
+                f"values. Use an out-of-place operation (`h = h + layer(h)`), or `{fallback}`."
+            )
 
 
 def _layer_parts(
@@ -468,11 +491,13 @@ def value_and_per_sample_gramian(
         leaf_tensors: tuple[Tensor, ...], probes: tuple[Tensor, ...]
     ) -> tuple[Tensor, list[Tensor]]:
         recorded: list[Tensor] = []
-        hook_of = _probe_hooks(plan, layers, probes, recorded, "per_sample_step")
+        versions: list[int] = []
+        hook_of = _probe_hooks(plan, layers, probes, recorded, "per_sample_step", versions)
         tensors = from_leaves(dict(zip(keys, leaf_tensors, strict=True)), [])
         outputs = _run(model, tensors, inputs, layers, hook_of)
         losses = _check_output(losses_fn(outputs, *targets), "`losses_fn`")
         _check_losses(losses, batch)
+        _check_inputs_unchanged(layers, plan, recorded, versions, "per_sample_step")
         return losses, recorded
 
     probes = tuple(torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in plan)
@@ -588,8 +613,11 @@ def value_and_mtl_gramian(
 
     def trunk_forward(probes: tuple[Tensor, ...]) -> tuple[Any, list[Tensor]]:
         recorded: list[Tensor] = []
-        hook_of = _probe_hooks(plan, layers, probes, recorded, fallback)
-        return _run(trunk, shared_params, trunk_inputs, layers, hook_of), recorded
+        versions: list[int] = []
+        hook_of = _probe_hooks(plan, layers, probes, recorded, fallback, versions)
+        features = _run(trunk, shared_params, trunk_inputs, layers, hook_of)
+        _check_inputs_unchanged(layers, plan, recorded, versions, fallback)
+        return features, recorded
 
     if isinstance(heads_fn, Mapping):
         losses, recorded, cotangents, head_grads = _per_task_cotangents(
