@@ -82,7 +82,15 @@ class Engine:
         (their forward is re-run: ``Dropout`` layers are fine, attention layers need
         ``dropout=0.0``), and not modify their inputs in place;
       * use each parameter only inside the forward of the module that directly holds it (a
-        parent must call its children rather than read their parameters).
+        parent must call its children rather than read their parameters);
+      * not return several outputs sharing memory from one module holding parameters (e.g.
+        ``h, h[:, :3]``; the chunks of one ``h.chunk(2)`` are fine).
+
+      In-place operations on the modules' outputs (``nn.ReLU(inplace=True)``,
+      ``out += identity``) are supported: an output that is a view created inside the module,
+      and each output of a module returning several tensors, is returned through an identity
+      autograd node (same values and storage, no longer a view), so that such an operation keeps
+      the record of the call; other outputs are returned unchanged.
 
       The modules holding parameters directly are found at construction, as in TorchJD: a module
       with a direct trainable parameter is handled as one unit (with its children), otherwise
@@ -126,6 +134,13 @@ class Engine:
         torch.Size([16, 2, 2, 16])
         >>> weights = Flattening(UPGradWeighting())(gramian)  # [16, 2]
         >>> losses.backward(weights)
+
+        In-place activations after the recorded modules are fine:
+
+        >>> model = nn.Sequential(nn.Linear(10, 4), nn.LayerNorm(4), nn.ReLU(inplace=True))
+        >>> engine = Engine(model, batch_dim=0)
+        >>> engine.compute_gramian(model(x).sum(dim=1)).shape  # per-sample losses [16]
+        torch.Size([16, 16])
     """
 
     def __init__(self, *modules: nn.Module, batch_dim: int | None) -> None:
