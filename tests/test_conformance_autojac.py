@@ -453,3 +453,19 @@ def test_optimize_gramian_computation_is_checked() -> None:
     assert p0.grad is None
     jac_to_grad([p0], _RowSum(), optimize_gramian_computation=False)
     assert_close(p0.grad, expected)
+
+
+def test_grad_is_accumulated_in_place_like_autograd() -> None:
+    # Autograd (and TorchJD) add into an existing `.grad` in place: references to it stay valid.
+    problem = _problem(torch.float64)
+    p0, p1, p2 = problem["p0"], problem["p1"], problem["p2"]
+    existing = {name: torch.ones_like(problem[name]) for name in NAMES}
+    for name in NAMES:
+        problem[name].grad = existing[name]
+    expected = torch.autograd.grad(problem["losses"].sum(), [p0, p1, p2], retain_graph=True)
+
+    mtl_backward([problem["l1"], problem["l2"]], problem["features"], Mean())
+
+    for name, grad in zip(NAMES, expected, strict=True):
+        assert problem[name].grad is existing[name]
+        assert_close(existing[name], 1 + (grad / 2 if name == "p0" else grad))

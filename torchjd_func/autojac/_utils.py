@@ -172,7 +172,8 @@ def accumulate_jacs(params: Sequence[Tensor], jacs: Sequence[Tensor]) -> None:
 
 
 def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-    """Adds each gradient into its tensor's ``.grad`` (set where absent), as autograd does.
+    """Adds each gradient into its tensor's ``.grad`` (set where absent, added to in place
+    where present), as autograd does.
 
     The callers check the tensors first (:func:`check_expects_grad`), before any state changes;
     this guard only keeps ``.grad`` off tensors autograd would never populate."""
@@ -183,4 +184,7 @@ def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
                 "retain grad)."
             )
         update = grad.detach().to(dtype=param.dtype)
-        param.grad = update if param.grad is None else param.grad + update
+        if param.grad is None:
+            param.grad = update
+        else:
+            param.grad += update  # in place, as autograd and TorchJD: the `.grad` tensor is kept
