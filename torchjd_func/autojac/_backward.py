@@ -8,6 +8,8 @@ from torchjd_func.autojac._utils import (
     accumulate_jacs,
     as_tensors,
     check_chunk_size,
+    check_expects_grad,
+    distinct_tensors,
     identity_cotangents,
     jacobian_rows,
     leaf_tensors,
@@ -16,9 +18,10 @@ from torchjd_func.autojac._utils import (
 __all__ = ["backward", "jac"]
 
 
-def _cotangents(
+def _given_rows(
     tensors: list[Tensor], given: Sequence[Tensor] | Tensor | None, name: str
-) -> list[Tensor]:
+) -> list[Tensor] | None:
+    """The checked ``jac_tensors``/``jac_outputs`` (``None`` if not given: the identity)."""
     if given is None:
         if sum(t.numel() for t in tensors) == 0:
             raise ValueError(
@@ -26,7 +29,7 @@ def _cotangents(
                 f"{[list(t.shape) for t in tensors]}): there is no row to compute. Give at least "
                 "one loss."
             )
-        return identity_cotangents(tensors)
+        return None
     rows = as_tensors(given, name)
     if len(rows) != len(tensors):
         raise ValueError(
@@ -78,16 +81,21 @@ def backward(
     Args:
         tensors: The tensors to differentiate (e.g. a vector of losses).
         jac_tensors: Optional Jacobians of some downstream quantity w.r.t. ``tensors``.
-        inputs: The tensors that receive ``.jac``; default: the leaves requiring grad in the
-            graph of ``tensors``.
+        inputs: The tensors that receive ``.jac`` (a tensor repeated is counted once); default:
+            the leaves requiring grad in the graph of ``tensors``. An empty iterable is a no-op,
+            as in TorchJD: nothing is computed, no ``.jac`` is touched and the graph is kept
+            (``tensors`` and ``jac_tensors`` are still checked).
         retain_graph: Keep the graph (to differentiate it again).
         parallel_chunk_size: Rows differentiated at once; ``None``: all, ``1``: one at a time
-            without ``vmap``.
+            without ``vmap``. Any positive integer (``int``, ``numpy.int64``, a 0-d integer
+            tensor); not a bool.
 
     Raises:
         ValueError: empty or repeated tensors, tensors with no element, tensors that do not
-            require grad, mismatched ``jac_tensors`` or ones with no row, a non-positive chunk
-            size, or inputs that are not leaves.
+            require grad, mismatched ``jac_tensors`` or ones with no row, a chunk size that is
+            not a positive integer, or inputs that do not require grad or are not leaves (and do
+            not retain grad). Every check runs before anything is computed or stored.
+        TypeError: an element of ``tensors``, ``jac_tensors`` or ``inputs`` that is not a Tensor.
 
     Example:
         >>> import torch
@@ -98,15 +106,36 @@ def backward(
         >>> param.jac
         tensor([[1., 1.],
                 [2., 4.]])
+
+        A repeated input gets its Jacobian once; no input is a no-op:
+
+        >>> losses = torch.stack([param.sum(), (param**2).sum()])
+        >>> backward(losses, inputs=[param, param], retain_graph=True)
+        >>> param.jac  # the first Jacobian plus this one
+        tensor([[2., 2.],
+                [4., 8.]])
+        >>> backward(losses, inputs=[])
+        >>> param.jac
+        tensor([[2., 2.],
+                [4., 8.]])
     """
-    check_chunk_size(parallel_chunk_size)
+    chunk_size = check_chunk_size(parallel_chunk_size)
     outputs = as_tensors(tensors, "tensors")
-    _check_differentiable(outputs, "tensors")
-    cotangents = _cotangents(outputs, jac_tensors, "jac_tensors")
-    targets = leaf_tensors(outputs) if inputs is None else as_tensors(inputs, "inputs")
-    if not targets:
-        raise ValueError("`tensors` depend on no leaf tensor that requires grad.")
-    jacs = jacobian_rows(outputs, targets, cotangents, retain_graph, parallel_chunk_size)
+    if inputs is None:
+        _check_differentiable(outputs, "tensors")
+        given = _given_rows(outputs, jac_tensors, "jac_tensors")
+        targets = leaf_tensors(outputs)
+        if not targets:
+            raise ValueError("`tensors` depend on no leaf tensor that requires grad.")
+    else:
+        targets = distinct_tensors(inputs, "inputs")
+        given = _given_rows(outputs, jac_tensors, "jac_tensors")
+        if not targets:
+            return  # as TorchJD: nothing to differentiate, the graph is left as it is
+        _check_differentiable(outputs, "tensors")
+        check_expects_grad(targets, "inputs", ".jac")
+    cotangents = identity_cotangents(outputs) if given is None else given
+    jacs = jacobian_rows(outputs, targets, cotangents, retain_graph, chunk_size)
     accumulate_jacs(targets, jacs)
 
 
@@ -122,14 +151,21 @@ def jac(
 
     Args:
         outputs: The tensors to differentiate.
-        inputs: The tensors to differentiate with respect to (leaves or not).
+        inputs: The tensors to differentiate with respect to (leaves or not, requiring grad). A
+            tensor repeated is differentiated once and its Jacobian returned at each place.
         jac_outputs: Optional Jacobians ``[k, *output.shape]`` to chain with (see
             :func:`backward`).
         retain_graph: Keep the graph.
         parallel_chunk_size: Rows differentiated at once (see :func:`backward`).
 
     Returns:
-        One ``[M, *input.shape]`` tensor per input, in the order of ``inputs``.
+        One ``[M, *input.shape]`` tensor per input, in the order of ``inputs``; ``()`` for no
+        input, as in TorchJD (nothing is computed and the graph is kept; ``outputs`` and
+        ``jac_outputs`` are still checked).
+
+    Raises:
+        ValueError: as :func:`backward`; inputs need not be leaves but must require grad.
+        TypeError: an element of ``outputs``, ``jac_outputs`` or ``inputs`` that is not a Tensor.
 
     Example:
         >>> import torch
@@ -139,15 +175,24 @@ def jac(
         >>> jacobian
         tensor([[1., 1.],
                 [2., 4.]])
+        >>> jac(param.sum(), [])
+        ()
     """
-    check_chunk_size(parallel_chunk_size)
+    chunk_size = check_chunk_size(parallel_chunk_size)
     differentiated = as_tensors(outputs, "outputs")
-    _check_differentiable(differentiated, "outputs")
-    cotangents = _cotangents(differentiated, jac_outputs, "jac_outputs")
     targets = [inputs] if isinstance(inputs, Tensor) else list(inputs)
-    if not targets:
-        raise ValueError("`inputs` is empty: give at least one tensor.")
-    distinct = list({id(t): t for t in targets}.values())
-    rows = jacobian_rows(differentiated, distinct, cotangents, retain_graph, parallel_chunk_size)
+    distinct = distinct_tensors(targets, "inputs")
+    given = _given_rows(differentiated, jac_outputs, "jac_outputs")
+    if not distinct:
+        return ()  # as TorchJD: no input, no Jacobian, the graph is left as it is
+    _check_differentiable(differentiated, "outputs")
+    for i, target in enumerate(targets):
+        if not target.requires_grad:
+            raise ValueError(
+                f"`inputs[{i}]` does not require grad: there is no Jacobian with respect to it. "
+                "Give tensors that require grad (leaves or intermediate results)."
+            )
+    cotangents = identity_cotangents(differentiated) if given is None else given
+    rows = jacobian_rows(differentiated, distinct, cotangents, retain_graph, chunk_size)
     by_id = {id(t): row for t, row in zip(distinct, rows, strict=True)}
     return tuple(by_id[id(t)] for t in targets)

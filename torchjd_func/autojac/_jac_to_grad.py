@@ -8,7 +8,7 @@ from torch import Tensor
 
 from torchjd_func._gramian import combine, gramian
 from torchjd_func.aggregation import Aggregator, GramianWeightedAggregator
-from torchjd_func.autojac._utils import accumulate_grads, as_tensors
+from torchjd_func.autojac._utils import accumulate_grads, as_tensors, check_expects_grad
 
 __all__ = ["jac_to_grad"]
 
@@ -61,7 +61,12 @@ def aggregate_into_grads(
 
 
 def jac_to_grad(
-    tensors: Iterable[Tensor], /, aggregator: Aggregator, *, retain_jac: bool = False
+    tensors: Iterable[Tensor],
+    /,
+    aggregator: Aggregator,
+    *,
+    retain_jac: bool = False,
+    optimize_gramian_computation: bool = False,
 ) -> Tensor | None:
     """Aggregates the Jacobians in the ``.jac`` fields of ``tensors`` into their ``.grad``.
 
@@ -74,6 +79,12 @@ def jac_to_grad(
         aggregator: The aggregator, e.g. ``UPGrad()``; a stateful one (``GradVac()``) updates its
             state.
         retain_jac: Keep the ``.jac`` fields.
+        optimize_gramian_computation: Accepted for compatibility with TorchJD (same default,
+            ``False``); must be a bool. It changes nothing here: a Gramian-weighted aggregator
+            (all of :mod:`torchjd_func.aggregation`) always gets the Gramian summed tensor by
+            tensor, without concatenating the Jacobians (TorchJD's optimized path), and any other
+            aggregator gets the concatenated matrix. As in TorchJD, ``True`` with an aggregator
+            that is not Gramian-weighted is refused.
 
     Returns:
         The weights ``[m]`` for Gramian-weighted aggregators, else ``None``. The Gramian is
@@ -82,8 +93,13 @@ def jac_to_grad(
         ``torch.amp.GradScaler`` skips the step.
 
     Raises:
-        ValueError: a tensor has no ``.jac``, the Jacobians have different numbers of rows, or
-            ``tensors`` is empty.
+        ValueError: a tensor has no ``.jac``, the Jacobians have different numbers of rows,
+            ``tensors`` is empty or repeats a tensor, a tensor's ``.grad`` cannot be populated
+            (it does not require grad, or is neither a leaf nor retains grad; as in TorchJD), or
+            ``optimize_gramian_computation=True`` with an aggregator that is not Gramian-weighted.
+            Nothing is freed or written when a call is refused.
+        TypeError: ``aggregator`` is not an Aggregator, or ``optimize_gramian_computation`` is
+            not a bool.
 
     Example:
         >>> import torch
@@ -95,7 +111,18 @@ def jac_to_grad(
         tensor([1.1763, 0.8108])
         >>> param.grad
         tensor([0.1596, 1.9870])
+
+        TorchJD's ``optimize_gramian_computation`` is accepted (the path is the same either way):
+
+        >>> backward(torch.stack([param @ torch.tensor([-4.0, 1.0]), param @ torch.tensor([6.0, 1.0])]))
+        >>> jac_to_grad([param], UPGrad(), optimize_gramian_computation=True)
+        tensor([1.1763, 0.8108])
     """
+    if not isinstance(optimize_gramian_computation, bool):
+        raise TypeError(
+            "`optimize_gramian_computation` must be a bool, got "
+            f"{type(optimize_gramian_computation).__name__}."
+        )
     params = as_tensors(tensors, "tensors")
     missing = [i for i, p in enumerate(params) if getattr(p, "jac", None) is None]
     if missing:
@@ -103,8 +130,14 @@ def jac_to_grad(
             f"Tensors {missing} have no `.jac`: call `backward` or `mtl_backward` first (and "
             "aggregate each tensor only once)."
         )
+    check_expects_grad(params, "tensors", ".grad")
     jacs: list[Tensor] = [p.jac for p in params]  # type: ignore[attr-defined]
     _check(jacs, aggregator)  # before the Jacobians are freed
+    if optimize_gramian_computation and not isinstance(aggregator, GramianWeightedAggregator):
+        raise ValueError(
+            "`optimize_gramian_computation=True` needs an aggregator whose weights are computed "
+            f"from the Gramian (a GramianWeightedAggregator, e.g. `UPGrad()`), got {aggregator!r}."
+        )
     if not retain_jac:
         for param in params:
             del param.jac  # type: ignore[attr-defined]

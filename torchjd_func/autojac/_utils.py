@@ -1,5 +1,6 @@
 """Shared pieces of the autograd front door: argument checks, graph leaves, Jacobian rows."""
 
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -9,27 +10,63 @@ from torch import Tensor
 from torchjd_func._chunks import batched_vjp
 
 
-def as_tensors(value: Tensor | Sequence[Tensor] | Iterable[Tensor], name: str) -> list[Tensor]:
-    """A non-empty list of distinct tensors from a tensor or an iterable of tensors."""
+def _tensor_list(value: Tensor | Iterable[Tensor], name: str) -> list[Tensor]:
     found = [value] if isinstance(value, Tensor) else list(value)
-    if not found:
-        raise ValueError(f"`{name}` is empty: give at least one tensor.")
     for i, tensor in enumerate(found):
         if not isinstance(tensor, Tensor):
             raise TypeError(f"`{name}[{i}]` is a {type(tensor).__name__}, not a Tensor.")
+    return found
+
+
+def as_tensors(value: Tensor | Sequence[Tensor] | Iterable[Tensor], name: str) -> list[Tensor]:
+    """A non-empty list of distinct tensors from a tensor or an iterable of tensors."""
+    found = _tensor_list(value, name)
+    if not found:
+        raise ValueError(f"`{name}` is empty: give at least one tensor.")
     if len({id(t) for t in found}) != len(found):
         raise ValueError(f"`{name}` contains the same tensor twice: give each tensor once.")
     return found
 
 
-def check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
+def distinct_tensors(value: Tensor | Iterable[Tensor], name: str) -> list[Tensor]:
+    """The tensors of a tensor or an iterable of tensors, each once (first occurrence kept), as
+    TorchJD's ordered sets of inputs and parameters; possibly empty."""
+    return list({id(t): t for t in _tensor_list(value, name)}.values())
+
+
+def check_chunk_size(chunk_size: object) -> int | None:
+    """``None`` or the chunk size as a positive ``int`` (any integer type: ``numpy.int64``, a
+    0-d integer tensor); a bool is refused (``True`` would mean one row at a time)."""
+    if chunk_size is None:
+        return None
+    size: int | None = None
+    if not isinstance(chunk_size, bool):
+        try:
+            size = operator.index(chunk_size)  # type: ignore[arg-type]
+        except TypeError:
+            size = None
+    if size is None or size < 1:
         raise ValueError(
             "`parallel_chunk_size` must be None (all rows at once) or a positive int, got "
             f"{chunk_size!r}."
         )
+    return size
+
+
+def check_expects_grad(tensors: Sequence[Tensor], name: str, field: str) -> None:
+    """Refuses tensors whose ``field`` (``.grad`` or ``.jac``) cannot be populated: those that do
+    not require grad, or are not leaves (and do not retain grad), as TorchJD does."""
+    for i, tensor in enumerate(tensors):
+        if not tensor.requires_grad:
+            raise ValueError(
+                f"`{name}[{i}]` does not require grad: its `{field}` cannot be populated. Give "
+                "only tensors with `requires_grad=True` (e.g. skip frozen parameters)."
+            )
+        if not (tensor.is_leaf or tensor.retains_grad):
+            raise ValueError(
+                f"`{name}[{i}]` is not a leaf tensor: its `{field}` cannot be populated. Give "
+                "leaf tensors (e.g. parameters), or call `.retain_grad()` on it first."
+            )
 
 
 def leaf_tensors(roots: Iterable[Tensor], excluded: Iterable[Tensor] = ()) -> list[Tensor]:
@@ -135,7 +172,19 @@ def accumulate_jacs(params: Sequence[Tensor], jacs: Sequence[Tensor]) -> None:
 
 
 def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-    """Adds each gradient into its tensor's ``.grad`` (set where absent), as autograd does."""
+    """Adds each gradient into its tensor's ``.grad`` (set where absent, added to in place
+    where present), as autograd does.
+
+    The callers check the tensors first (:func:`check_expects_grad`), before any state changes;
+    this guard only keeps ``.grad`` off tensors autograd would never populate."""
     for param, grad in zip(params, grads, strict=True):
+        if not param.requires_grad or not (param.is_leaf or param.retains_grad):
+            raise ValueError(
+                "Gradients can only be stored on leaf tensors that require grad (or tensors that "
+                "retain grad)."
+            )
         update = grad.detach().to(dtype=param.dtype)
-        param.grad = update if param.grad is None else param.grad + update
+        if param.grad is None:
+            param.grad = update
+        else:
+            param.grad += update  # in place, as autograd and TorchJD: the `.grad` tensor is kept
