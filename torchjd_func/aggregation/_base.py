@@ -8,8 +8,11 @@ is ``Jᵀw``. Functionally, a weighting is a pair of pure functions, in the shap
   stateless weightings), a ``NamedTuple`` of tensors;
 * ``update(gramian, state) -> (weights, new_state)``: nothing is mutated.
 
-The class-style wrappers (``UPGradWeighting``, ``GradVac``, ...) hold that state explicitly in a
-``state`` attribute and call the pure functions.
+The class front door follows TorchJD's hierarchy, as ``nn.Module``s: :class:`Weighting` (with
+``<<``), :class:`GramianWeighting` (wraps a ``PureWeighting``, holds its state explicitly in a
+``state`` attribute, hyperparameters as validated settable properties), :class:`Aggregator`,
+:class:`WeightedAggregator` and :class:`GramianWeightedAggregator` (``.weighting`` takes the
+matrix, ``.gramian_weighting`` the Gramian).
 
 Non-finite input: every built-in ``update`` is wrapped by :func:`guard_nonfinite`, so a Gramian
 with a NaN or an infinity gives NaN weights and returns the state unchanged (a skipped step is as
