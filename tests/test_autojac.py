@@ -18,6 +18,7 @@ from torchjd_func.aggregation import (
     Constant,
     DualProj,
     GradVac,
+    GramianWeightedAggregator,
     Mean,
     PCGrad,
     Random,
@@ -246,7 +247,9 @@ def test_jac_to_grad_with_every_aggregator(make: Callable[[], Aggregator]) -> No
     module, losses = _losses(ARCHITECTURES[0], per_sample=False)
     full = reference(module, losses)
     matrix = torch.cat([j.reshape(M_OUT, -1) for j in full.values()], dim=1)
-    expected_weights = make().weighting(matrix @ matrix.T)  # type: ignore[attr-defined]
+    aggregator = make()
+    assert isinstance(aggregator, GramianWeightedAggregator)
+    expected_weights = aggregator.gramian_weighting(matrix @ matrix.T)
     backward(losses)
 
     weights = jac_to_grad(module.parameters(), make())

@@ -8,8 +8,11 @@ is ``Jᵀw``. Functionally, a weighting is a pair of pure functions, in the shap
   stateless weightings), a ``NamedTuple`` of tensors;
 * ``update(gramian, state) -> (weights, new_state)``: nothing is mutated.
 
-The class-style wrappers (``UPGradWeighting``, ``GradVac``, ...) hold that state explicitly in a
-``state`` attribute and call the pure functions.
+The class front door follows TorchJD's hierarchy, as ``nn.Module``s: :class:`Weighting` (with
+``<<``), :class:`GramianWeighting` (wraps a ``PureWeighting``, holds its state explicitly in a
+``state`` attribute, hyperparameters as validated settable properties), :class:`Aggregator`,
+:class:`WeightedAggregator` and :class:`GramianWeightedAggregator` (``.weighting`` takes the
+matrix, ``.gramian_weighting`` the Gramian).
 
 Non-finite input: every built-in ``update`` is wrapped by :func:`guard_nonfinite`, so a Gramian
 with a NaN or an infinity gives NaN weights and returns the state unchanged (a skipped step is as
@@ -18,18 +21,22 @@ if it never happened), selected with ``torch.where``: no host synchronisation.
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar, overload
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "Aggregator",
+    "Delegated",
     "EmptyState",
     "GramianWeightedAggregator",
+    "GramianWeighting",
+    "Hyperparameter",
     "InitFn",
     "PureWeighting",
     "UpdateFn",
+    "WeightedAggregator",
     "Weighting",
     "check_gramian",
     "guard_nonfinite",
@@ -161,34 +168,179 @@ def stateless(kernel: Callable[[Tensor], Tensor]) -> PureWeighting:
     return PureWeighting(init, guard_nonfinite(update))
 
 
-def _format(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"tensor({value.tolist()})"
-    return repr(value)
+# --- The class front door: nn.Modules with TorchJD's names and hierarchy. ---------------------
+
+_T = TypeVar("_T")
 
 
 def _describe(tensor: Tensor) -> str:
     return f"{list(tensor.shape)} {tensor.dtype} on {tensor.device}"
 
 
-def _construct(cls: type["Weighting"], hyperparameters: dict[str, Any]) -> "Weighting":
-    """Rebuilds a weighting from its constructor's arguments (what unpickling calls)."""
-    return cls(**hyperparameters)
+def _gramian_of(matrix: Tensor) -> Tensor:
+    """``J Jᵀ`` ``[m, m]`` of a matrix ``J`` ``[m, n]`` (TorchJD's ``compute_gramian``)."""
+    return matrix @ matrix.T
 
 
-class Weighting(ABC):  # noqa: B024 (abstract by intent: a base without abstract methods)
-    """A weighting object: ``weighting(gramian [m, m]) -> weights [m]``, holding its state.
+def vector_to_str(vector: Tensor) -> str:
+    """``1., 0.5, 2.25`` for ``tensor([1.0, 0.5, 2.25])``: TorchJD's format in ``str``."""
+    return ", ".join(f"{float(value):.2f}".rstrip("0") for value in vector)
 
-    Subclasses pass the :class:`PureWeighting` they wrap and their constructor arguments by name
-    (they make the ``repr`` and rebuild the object when it is unpickled). The state is created
-    on the first call, and re-created when the number of losses, the dtype or the device of the
-    Gramian changes (as TorchJD's stateful weightings do). It is exposed as ``state`` (a
-    NamedTuple of tensors): save it with ``torch.save`` and restore it by assignment, in this or
-    in a new object with the same arguments, to continue a run exactly. An assigned state is
-    checked against the next Gramian: one for another number of losses, dtype or device raises a
-    ``ValueError`` (it is never silently replaced). :meth:`reset` forgets the state. The object
-    itself, with its state, can be saved with ``torch.save`` (load it with
-    ``torch.load(..., weights_only=False)``).
+
+class Weighting(nn.Module, ABC):
+    """Abstract base of the class weightings: ``weighting(stat) -> weights [m]``.
+
+    As in TorchJD, a weighting is an ``nn.Module`` (forward hooks, ``.to(...)``,
+    ``state_dict()``); ``stat`` is the Gramian ``[m, m]`` for every weighting of this package (the
+    matrix ``[m, n]`` for a composition such as ``UPGrad().weighting``). ``weighting << fn`` is the
+    weighting of ``fn(stat)``. The weightings that TorchJD makes non-differentiable (UPGrad,
+    DualProj, PCGrad, GradVac) run under ``torch.no_grad()``: their weights never require grad.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import UPGradWeighting
+        >>> weighting = UPGradWeighting() << (lambda matrix: matrix @ matrix.T)
+        >>> weighting(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+        tensor([1.1109, 0.7894])
+    """
+
+    _differentiable: ClassVar[bool] = True
+    """``False``: calls run under ``torch.no_grad()`` (TorchJD's ``_NonDifferentiable``)."""
+
+    def __call__(self, stat: Tensor, /) -> Tensor:
+        """The weights of ``stat``, through ``nn.Module.__call__`` (hooks run)."""
+        if self._differentiable:
+            weights: Tensor = super().__call__(stat)
+            return weights
+        with torch.no_grad():
+            weights = super().__call__(stat)
+        return weights
+
+    @abstractmethod
+    def forward(self, stat: Tensor, /) -> Tensor:
+        """The weights ``[m]`` of ``stat``."""
+
+    def __lshift__(self, fn: Callable[[Tensor], Tensor]) -> "Weighting":
+        """The weighting of ``fn(stat)`` (TorchJD's ``Weighting.__lshift__``)."""
+        if not callable(fn):
+            raise TypeError(f"`weighting << fn` needs a callable fn, got {type(fn).__name__}.")
+        return _Composition(self, fn)
+
+    def reset(self) -> None:
+        """Forgets the state of a stateful weighting (no-op otherwise)."""
+
+
+class _Composition(Weighting):
+    """The weighting ``weighting(fn(stat))`` (TorchJD's ``_Composition``)."""
+
+    def __init__(self, weighting: Weighting, fn: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+        self.weighting = weighting
+
+    def forward(self, stat: Tensor, /) -> Tensor:
+        weights: Tensor = self.weighting(self.fn(stat))
+        return weights
+
+    @property
+    def state(self) -> Any:
+        """The state of the composed weighting."""
+        return self.weighting.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.weighting.state = value
+
+    def reset(self) -> None:
+        self.weighting.reset()
+
+
+class Hyperparameter(Generic[_T]):
+    """A constructor argument of a :class:`GramianWeighting`, as a validated, settable property.
+
+    Setting it rebuilds the wrapped :class:`PureWeighting` from all the arguments (so the value is
+    checked exactly as the constructor checks it, and a bad one raises and changes nothing); it
+    takes effect at the next call and keeps the state (e.g. GradVac's targets), as TorchJD's
+    setters do. ``settable=False`` makes it read-only, with an ``AttributeError`` saying what to
+    do instead.
+    """
+
+    def __init__(self, *, settable: bool = True) -> None:
+        self.settable = settable
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> "Hyperparameter[_T]": ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> _T: ...
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        assert isinstance(obj, GramianWeighting)
+        return obj._hyperparameters[self.name]
+
+    def __set__(self, obj: object, value: _T) -> None:
+        assert isinstance(obj, GramianWeighting)
+        if not self.settable:
+            raise AttributeError(
+                f"`{self.name}` of {type(obj).__name__} is fixed at construction (it seeds the "
+                f"state's key): create a new object, e.g. `{type(obj).__name__}(..., "
+                f"{self.name}={value!r})`, or assign a saved `state` to continue a run."
+            )
+        obj._set_hyperparameters(**{self.name: value})
+
+
+class Delegated(Generic[_T]):
+    """A property of an aggregator that reads and sets its ``gramian_weighting``'s (as TorchJD's
+    aggregators delegate theirs)."""
+
+    def __init__(self) -> None:
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> "Delegated[_T]": ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> _T: ...
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        assert isinstance(obj, GramianWeightedAggregator)
+        return getattr(obj.gramian_weighting, self.name)
+
+    def __set__(self, obj: object, value: _T) -> None:
+        assert isinstance(obj, GramianWeightedAggregator)
+        setattr(obj.gramian_weighting, self.name, value)
+
+
+class GramianWeighting(Weighting):
+    """A weighting of Gramians ``[m, m] -> [m]`` that wraps a :class:`PureWeighting` and holds its
+    state.
+
+    ``GramianWeighting(pure)`` wraps any :class:`PureWeighting` (e.g. ``upgrad(differentiable=
+    True)``, for a differentiable UPGrad). The built-in weightings (``UPGradWeighting``, ...) are
+    subclasses that build theirs from their constructor arguments, which are
+    :class:`Hyperparameter` properties: setting one rebuilds it, checked as at construction.
+
+    The state is created on the first call, and re-created when the number of losses, the dtype
+    or the device of the Gramian changes (as TorchJD's stateful weightings do). It is exposed as
+    ``state`` (a NamedTuple of tensors): save it with ``torch.save`` and restore it by
+    assignment, in this or in a new object with the same arguments, to continue a run exactly. It
+    is also carried by ``state_dict()`` / ``load_state_dict()`` (as the module's extra state,
+    loadable with ``torch.load(..., weights_only=True)``) and moved by ``.to(...)``. An assigned,
+    loaded or moved state is checked against the next Gramian: one for another number of losses,
+    dtype or device raises a ``ValueError`` (it is never silently replaced). :meth:`reset`
+    forgets the state. The object itself, with its state, can be saved with ``torch.save`` (load
+    it with ``torch.load(..., weights_only=False)``).
 
     Example:
         >>> import io
@@ -198,18 +350,48 @@ class Weighting(ABC):  # noqa: B024 (abstract by intent: a base without abstract
         >>> weighting = GradVacWeighting(seed=0)
         >>> first = weighting(G)
         >>> buffer = io.BytesIO()
-        >>> torch.save(weighting.state, buffer)
+        >>> torch.save(weighting.state_dict(), buffer)
         >>> _ = buffer.seek(0)
         >>> resumed = GradVacWeighting(seed=0)
-        >>> resumed.state = torch.load(buffer, weights_only=False)
+        >>> resumed.load_state_dict(torch.load(buffer))
+        <All keys matched successfully>
         >>> torch.equal(resumed(G), weighting(G))
         True
     """
 
-    def __init__(self, pure: PureWeighting, **hyperparameters: object) -> None:
-        self.pure = pure
+    def __init__(self, pure: PureWeighting | None = None, /, **hyperparameters: Any) -> None:
+        super().__init__()
+        if pure is None:
+            pure = self._build(**hyperparameters)
+        elif not isinstance(pure, PureWeighting):
+            raise TypeError(
+                f"GramianWeighting wraps a PureWeighting (e.g. `upgrad()`), got "
+                f"{type(pure).__name__}."
+            )
+        elif hyperparameters:
+            raise TypeError("Pass either a PureWeighting or hyperparameters, not both.")
         self._hyperparameters = hyperparameters
+        self.pure = pure
         self.state = None
+
+    def _build(self, **hyperparameters: Any) -> PureWeighting:
+        """The :class:`PureWeighting` of these arguments; raises for bad ones."""
+        raise TypeError(
+            f"{type(self).__name__} needs a PureWeighting: `GramianWeighting(pure)`, e.g. "
+            "`GramianWeighting(upgrad())`."
+        )
+
+    def _set_hyperparameters(self, **changes: Any) -> None:
+        hyperparameters = {**self._hyperparameters, **changes}
+        self.pure = self._build(**hyperparameters)
+        self._hyperparameters = hyperparameters
+
+    def _weights_for_no_loss(self, gramian: Tensor) -> Tensor:
+        """The weights ``[0]`` of a ``[0, 0]`` Gramian (TorchJD's behaviour differs by method)."""
+        raise ValueError(
+            f"{type(self).__name__} got a Gramian for 0 losses: its weights are not defined "
+            "without a loss (TorchJD raises too). Aggregate at least one loss."
+        )
 
     @property
     def state(self) -> Any:
@@ -222,7 +404,9 @@ class Weighting(ABC):  # noqa: B024 (abstract by intent: a base without abstract
         # ``None``: an assigned state, checked against the next Gramian instead of replaced.
         self._signature: tuple[int, torch.dtype, torch.device] | None = None
 
-    def __call__(self, gramian: Tensor, /) -> Tensor:
+    def forward(self, gramian: Tensor, /) -> Tensor:
+        if isinstance(gramian, Tensor) and gramian.is_floating_point() and gramian.shape == (0, 0):
+            return self._weights_for_no_loss(gramian)
         check_gramian(gramian)
         if gramian.ndim != 2:
             raise ValueError(
@@ -254,30 +438,94 @@ class Weighting(ABC):  # noqa: B024 (abstract by intent: a base without abstract
                     break
         if problem:
             raise ValueError(
-                f"The state assigned to {type(self).__name__} does not fit a Gramian for "
-                f"{signature[0]} losses in {signature[1]} on {signature[2]}: {problem}. Assign a "
-                "state saved from a run with the same number of losses, dtype and device (move "
-                "it with `.to(...)` on each tensor), or call `reset()` to start afresh."
+                f"The state assigned to {type(self).__name__} (or loaded, or moved with "
+                f"`.to(...)`) does not fit a Gramian for {signature[0]} losses in {signature[1]} "
+                f"on {signature[2]}: {problem}. Assign a state saved from a run with the same "
+                "number of losses, dtype and device (move the object with `.to(...)`), or call "
+                "`reset()` to start afresh."
             )
 
     def reset(self) -> None:
         """Forgets the state: the next call behaves like the first one."""
         self.state = None
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        # The wrapped PureWeighting is made of closures: rebuild it from the arguments.
-        attributes = {k: v for k, v in vars(self).items() if k != "pure"}
-        return _construct, (type(self), self._hyperparameters), attributes
+    def get_extra_state(self) -> dict[str, Any]:
+        """The state for ``state_dict()``: ``{"state": None}`` or ``{"state": {field: tensor}}``."""
+        state = self._state
+        if state is None or not hasattr(state, "_asdict"):
+            return {"state": state}
+        return {"state": dict(state._asdict())}
 
-    def __repr__(self) -> str:
-        arguments = ", ".join(f"{k}={_format(v)}" for k, v in self._hyperparameters.items())
-        return f"{type(self).__name__}({arguments})"
+    def set_extra_state(self, extra: Any) -> None:
+        """Restores a state from ``load_state_dict()``; it is checked at the next call."""
+        if not isinstance(extra, dict) or "state" not in extra:
+            raise ValueError(
+                f"Expected the extra state saved by {type(self).__name__}.state_dict(), got "
+                f"{type(extra).__name__}."
+            )
+        fields = extra["state"]
+        if not isinstance(fields, dict):
+            self.state = fields
+            return
+        template = type(self.pure.init(1))
+        try:
+            self.state = template(**fields)
+        except TypeError as error:
+            raise ValueError(
+                f"The saved state has fields {sorted(fields)}, but {type(self).__name__} keeps a "
+                f"{template.__name__}: load a state_dict saved from the same class."
+            ) from error
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "GramianWeighting":
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        if any(isinstance(value, Tensor) for value in self._hyperparameters.values()):
+            self._set_hyperparameters(
+                **{
+                    name: fn(value)
+                    for name, value in self._hyperparameters.items()
+                    if isinstance(value, Tensor)
+                }
+            )
+        state = self._state
+        if state is not None and isinstance(state, tuple):
+            moved = [fn(value) if isinstance(value, Tensor) else value for value in state]
+            self.state = type(state)(*moved)
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        attributes = dict(super().__getstate__())  # type: ignore[no-untyped-call]
+        if type(self)._build is not GramianWeighting._build:
+            # The wrapped PureWeighting is made of closures: rebuilt from the arguments.
+            del attributes["pure"]
+        return attributes
+
+    def __setstate__(self, attributes: dict[str, Any]) -> None:
+        super().__setstate__(attributes)  # type: ignore[no-untyped-call]
+        if "pure" not in attributes:
+            self.pure = self._build(**self._hyperparameters)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in self._hyperparameters.items())
 
 
-class Aggregator(ABC):
-    """An aggregator: ``aggregator(matrix [m, n]) -> vector [n]``, one row per loss."""
+class Aggregator(nn.Module, ABC):
+    """Abstract base of the aggregators: ``aggregator(matrix [m, n]) -> vector [n]``, one row per
+    loss; an ``nn.Module``, as in TorchJD.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import UPGrad
+        >>> aggregator = UPGrad()
+        >>> handle = aggregator.register_forward_hook(lambda module, args, out: print(out))
+        >>> _ = aggregator(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+        tensor([0.2929, 1.9004, 1.9004])
+    """
+
+    _differentiable: ClassVar[bool] = True
+    """``False``: calls run under ``torch.no_grad()`` (TorchJD's ``_NonDifferentiable``)."""
 
     def __call__(self, matrix: Tensor, /) -> Tensor:
+        """The aggregation of ``matrix``, through ``nn.Module.__call__`` (hooks run)."""
         if not isinstance(matrix, Tensor):
             raise TypeError(f"Expected a matrix Tensor [m, n], got {type(matrix).__name__}.")
         if matrix.ndim != 2:
@@ -285,43 +533,91 @@ class Aggregator(ABC):
                 f"An aggregator takes a matrix [m, n] (one row per loss), got shape "
                 f"{list(matrix.shape)}."
             )
-        if matrix.shape[0] == 0:
-            raise ValueError("The matrix has no row: there is no loss to aggregate.")
-        return self._aggregate(matrix)
+        if self._differentiable:
+            vector: Tensor = super().__call__(matrix)
+            return vector
+        with torch.no_grad():
+            vector = super().__call__(matrix)
+        return vector
 
     @abstractmethod
-    def _aggregate(self, matrix: Tensor) -> Tensor:
-        """The aggregation of a validated matrix ``[m, n]``."""
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        """The aggregation ``[n]`` of a matrix ``[m, n]``."""
 
-    def reset(self) -> None:  # noqa: B027 (a default hook: stateless aggregators keep it)
+    def reset(self) -> None:
         """Forgets the state of a stateful aggregator (no-op otherwise)."""
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
-class GramianWeightedAggregator(Aggregator):
-    """The aggregator ``A(J) = W(J Jᵀ)ᵀ J`` of a Gramian weighting ``W``.
+    def __str__(self) -> str:
+        return type(self).__name__
+
+
+class WeightedAggregator(Aggregator):
+    """The aggregator ``A(J) = W(J) @ J`` of a weighting ``W`` of the matrix ``J`` ``[m, n]``.
 
     Example:
         >>> import torch
-        >>> from torchjd_func.aggregation import GramianWeightedAggregator, UPGradWeighting
-        >>> aggregator = GramianWeightedAggregator(UPGradWeighting())
+        >>> from torchjd_func.aggregation import UPGradWeighting, WeightedAggregator
+        >>> aggregator = WeightedAggregator(UPGradWeighting() << (lambda J: J @ J.T))
         >>> aggregator(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
         tensor([0.2929, 1.9004, 1.9004])
     """
 
     def __init__(self, weighting: Weighting) -> None:
+        super().__init__()
         if not isinstance(weighting, Weighting):
             raise TypeError(f"Expected a Weighting, got {type(weighting).__name__}.")
         self.weighting = weighting
 
-    def _aggregate(self, matrix: Tensor) -> Tensor:
-        weights = self.weighting(matrix @ matrix.T)
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        weights = self.weighting(matrix)
         return weights.to(matrix.dtype) @ matrix
+
+    @property
+    def state(self) -> Any:
+        """The state of the weighting (``None`` before the first call or when stateless)."""
+        return getattr(self.weighting, "state", None)
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.weighting.state = value
 
     def reset(self) -> None:
         self.weighting.reset()
 
     def __repr__(self) -> str:
-        weighting = repr(self.weighting)
+        return f"{type(self).__name__}({self.weighting!r})"
+
+
+class GramianWeightedAggregator(WeightedAggregator):
+    """The aggregator ``A(J) = W(J Jᵀ) @ J`` of a Gramian weighting ``W``.
+
+    As in TorchJD, ``gramian_weighting`` takes the Gramian ``[m, m]`` and ``weighting`` (that is,
+    ``gramian_weighting << compute_gramian``) takes the matrix ``[m, n]``.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import GramianWeightedAggregator, UPGradWeighting
+        >>> aggregator = GramianWeightedAggregator(UPGradWeighting())
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> aggregator(J)
+        tensor([0.2929, 1.9004, 1.9004])
+        >>> aggregator.weighting(J), aggregator.gramian_weighting(J @ J.T)
+        (tensor([1.1109, 0.7894]), tensor([1.1109, 0.7894]))
+    """
+
+    def __init__(self, gramian_weighting: Weighting) -> None:
+        if not isinstance(gramian_weighting, Weighting):
+            raise TypeError(f"Expected a Weighting, got {type(gramian_weighting).__name__}.")
+        super().__init__(gramian_weighting << _gramian_of)
+        self.gramian_weighting = gramian_weighting
+
+    def reset(self) -> None:
+        self.gramian_weighting.reset()
+
+    def __repr__(self) -> str:
         if type(self) is GramianWeightedAggregator:
-            return f"GramianWeightedAggregator({weighting})"
-        return weighting.replace("Weighting(", "(", 1)
+            return f"GramianWeightedAggregator({self.gramian_weighting!r})"
+        return f"{type(self).__name__}({self.gramian_weighting.extra_repr()})"

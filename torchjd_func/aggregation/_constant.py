@@ -1,28 +1,34 @@
 """Constant: a fixed linear combination of the rows, ``A(J) = Σ_i c_i g_i``."""
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from torchjd_func.aggregation._base import (
+    Delegated,
     GramianWeightedAggregator,
+    GramianWeighting,
+    Hyperparameter,
     PureWeighting,
-    Weighting,
     check_gramian,
     nan_if_nonfinite,
     stateless,
+    vector_to_str,
 )
 
 __all__ = ["Constant", "ConstantWeighting", "constant", "constant_weights"]
 
 
-def _check_vector_type(weights: object, name: str) -> Tensor:
-    """Checks that ``weights`` is a non-empty 1-D floating-point tensor (no host sync)."""
+def _check_vector_type(weights: object, name: str, *, empty: bool = False) -> Tensor:
+    """Checks that ``weights`` is a 1-D floating-point tensor, non-empty unless ``empty`` (no
+    host sync)."""
     if not isinstance(weights, Tensor):
         raise TypeError(
             f"`{name}` must be a Tensor [m], got {type(weights).__name__}: pass "
             f"`torch.tensor(...)` with one float per loss."
         )
-    if weights.ndim != 1 or weights.shape[0] == 0:
+    if weights.ndim != 1 or (weights.shape[0] == 0 and not empty):
         raise ValueError(
             f"`{name}` must be a non-empty vector [m], one entry per loss, got shape "
             f"{list(weights.shape)}."
@@ -32,9 +38,10 @@ def _check_vector_type(weights: object, name: str) -> Tensor:
     return weights
 
 
-def check_vector(weights: object, name: str) -> Tensor:
-    """Checks, once at construction, that ``weights`` is a finite non-empty float vector."""
-    vector = _check_vector_type(weights, name)
+def check_vector(weights: object, name: str, *, empty: bool = False) -> Tensor:
+    """Checks, once at construction, that ``weights`` is a finite float vector, non-empty unless
+    ``empty``."""
+    vector = _check_vector_type(weights, name, empty=empty)
     if not bool(torch.isfinite(vector).all()):
         raise ValueError(f"`{name}` must be finite, got {vector.tolist()}.")
     return vector
@@ -85,11 +92,21 @@ def constant(weights: Tensor) -> PureWeighting:
     return stateless(lambda gramian: constant_weights(gramian, weights))
 
 
-class ConstantWeighting(Weighting):
-    """Weighting of :func:`constant_weights`.
+def _mismatch(weights: Tensor, m: int) -> ValueError:
+    return ValueError(
+        f"{weights.shape[0]} constant weights for a Gramian of {m} losses: give one weight per "
+        "loss."
+    )
+
+
+class ConstantWeighting(GramianWeighting):
+    """Weighting of :func:`constant_weights`; differentiable (also with respect to ``weights``).
 
     Args:
-        weights: The weights ``[m]``.
+        weights: The weights ``[m]``; may be empty (then only a Gramian for no loss, ``[0, 0]``,
+            is accepted, and its weights are empty), as in TorchJD.
+
+    ``weights`` is a property that can be set later (checked as here).
 
     Example:
         >>> import torch
@@ -98,23 +115,51 @@ class ConstantWeighting(Weighting):
         tensor([1., 2.])
     """
 
+    weights = Hyperparameter[Tensor]()
+
     def __init__(self, weights: Tensor) -> None:
-        super().__init__(constant(weights), weights=weights)
-        self.weights = weights
+        super().__init__(weights=weights)
+
+    def _build(self, **hyperparameters: Any) -> PureWeighting:
+        weights = check_vector(hyperparameters["weights"], "weights", empty=True)
+        if weights.shape[0] == 0:
+
+            def refuse(gramian: Tensor) -> Tensor:
+                raise _mismatch(weights, gramian.shape[-1])
+
+            return stateless(refuse)
+        return constant(weights)
+
+    def _weights_for_no_loss(self, gramian: Tensor) -> Tensor:
+        weights = self.weights
+        if weights.shape[0] != 0:
+            raise _mismatch(weights, 0)
+        return weights.to(dtype=gramian.dtype, device=gramian.device)
 
 
 class Constant(GramianWeightedAggregator):
-    """Aggregator making a fixed linear combination of the rows.
+    """Aggregator making a fixed linear combination of the rows; differentiable.
 
     Args:
-        weights: The weights ``[m]``.
+        weights: The weights ``[m]`` (may be empty, for a matrix with no row).
+
+    ``weights`` is a property that can be set later (checked as here).
 
     Example:
         >>> import torch
         >>> from torchjd_func.aggregation import Constant
-        >>> Constant(torch.tensor([1.0, 2.0]))(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+        >>> aggregator = Constant(torch.tensor([1.0, 2.0]))
+        >>> aggregator(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
         tensor([8., 3., 3.])
+        >>> aggregator, str(aggregator)
+        (Constant(weights=tensor([1., 2.])), 'Constant([1., 2.])')
     """
+
+    gramian_weighting: ConstantWeighting
+    weights = Delegated[Tensor]()
 
     def __init__(self, weights: Tensor) -> None:
         super().__init__(ConstantWeighting(weights))
+
+    def __str__(self) -> str:
+        return f"Constant([{vector_to_str(self.weights)}])"

@@ -11,16 +11,20 @@ with ``u`` the preference vector (``1/m`` by default), and the same trace normal
 ``reg_eps`` regularisation as UPGrad.
 """
 
+from typing import Any
+
 from torch import Tensor
 
 from torchjd_func._qp import dualproj_weights as _dualproj_weights
 from torchjd_func.aggregation._base import (
+    Delegated,
     GramianWeightedAggregator,
+    GramianWeighting,
+    Hyperparameter,
     PureWeighting,
-    Weighting,
     check_gramian,
 )
-from torchjd_func.aggregation._upgrad import check_pref, projection_weighting
+from torchjd_func.aggregation._upgrad import check_pref, pref_suffix, projection_weighting
 
 __all__ = ["DualProj", "DualProjWeighting", "dualproj", "dualproj_weights"]
 
@@ -71,9 +75,16 @@ def dualproj_weights(
 
 
 def dualproj(
-    pref_vector: Tensor | None = None, *, norm_eps: float = 1e-4, reg_eps: float = 1e-4
+    pref_vector: Tensor | None = None,
+    *,
+    norm_eps: float = 1e-4,
+    reg_eps: float = 1e-4,
+    differentiable: bool = False,
 ) -> PureWeighting:
     """DualProj as a stateless :class:`PureWeighting`; see :func:`dualproj_weights`.
+
+    ``differentiable=True`` keeps the autograd graph of the Gramian (the weights are detached by
+    default, as in TorchJD, whose DualProj is not differentiable).
 
     Example:
         >>> import torch
@@ -82,16 +93,20 @@ def dualproj(
         >>> dualproj().update(J @ J.T, dualproj().init(2))[0]
         tensor([0.6109, 0.5000])
     """
-    return projection_weighting(dualproj_weights, pref_vector, norm_eps, reg_eps)
+    return projection_weighting(dualproj_weights, pref_vector, norm_eps, reg_eps, differentiable)
 
 
-class DualProjWeighting(Weighting):
-    """Weighting of :func:`dualproj_weights`.
+class DualProjWeighting(GramianWeighting):
+    """Weighting of :func:`dualproj_weights`; not differentiable (runs under ``torch.no_grad()``),
+    as in TorchJD: for gradients through the weights, wrap ``dualproj(differentiable=True)`` in a
+    :class:`GramianWeighting`.
 
     Args:
         pref_vector: Preferences ``[m]`` (not normalised); ``None`` means the mean, ``1/m``.
         norm_eps: Gramians with a trace below this are treated as zero.
         reg_eps: Added to the diagonal of the trace-normalised Gramian.
+
+    Each argument is a property that can be set later (checked as here).
 
     Example:
         >>> import torch
@@ -101,24 +116,31 @@ class DualProjWeighting(Weighting):
         tensor([0.6109, 0.5000])
     """
 
+    _differentiable = False
+    pref_vector = Hyperparameter[Tensor | None]()
+    norm_eps = Hyperparameter[float]()
+    reg_eps = Hyperparameter[float]()
+
     def __init__(
         self, pref_vector: Tensor | None = None, norm_eps: float = 1e-4, reg_eps: float = 1e-4
     ) -> None:
-        super().__init__(
-            dualproj(pref_vector, norm_eps=norm_eps, reg_eps=reg_eps),
-            pref_vector=pref_vector,
-            norm_eps=norm_eps,
-            reg_eps=reg_eps,
-        )
+        super().__init__(pref_vector=pref_vector, norm_eps=norm_eps, reg_eps=reg_eps)
+
+    def _build(self, **hyperparameters: Any) -> PureWeighting:
+        return dualproj(**hyperparameters)
 
 
 class DualProj(GramianWeightedAggregator):
     """Aggregator ``A(J) = π_J(Jᵀu)``: the preferred combination, projected to conflict with no row.
 
+    Not differentiable (runs under ``torch.no_grad()``), as in TorchJD.
+
     Args:
         pref_vector: Preferences ``[m]`` (not normalised); ``None`` means the mean, ``1/m``.
         norm_eps: Gramians with a trace below this are treated as zero.
         reg_eps: Added to the diagonal of the trace-normalised Gramian.
+
+    Each argument is a property that can be set later (checked as here).
 
     Example:
         >>> import torch
@@ -127,7 +149,16 @@ class DualProj(GramianWeightedAggregator):
         tensor([0.5563, 1.1109, 1.1109])
     """
 
+    _differentiable = False
+    gramian_weighting: DualProjWeighting
+    pref_vector = Delegated[Tensor | None]()
+    norm_eps = Delegated[float]()
+    reg_eps = Delegated[float]()
+
     def __init__(
         self, pref_vector: Tensor | None = None, norm_eps: float = 1e-4, reg_eps: float = 1e-4
     ) -> None:
         super().__init__(DualProjWeighting(pref_vector, norm_eps, reg_eps))
+
+    def __str__(self) -> str:
+        return f"DualProj{pref_suffix(self.pref_vector)}"

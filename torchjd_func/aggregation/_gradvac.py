@@ -27,16 +27,18 @@ weightings are not differentiable (the Gramian is detached). A non-finite Gramia
 weights, and the factories' ``update`` then returns the state unchanged (``guard_nonfinite``).
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from torchjd_func._prng import check_seed, key_from_seed, permutations, split
 from torchjd_func.aggregation._base import (
+    Delegated,
     GramianWeightedAggregator,
+    GramianWeighting,
+    Hyperparameter,
     PureWeighting,
-    Weighting,
     check_gramian,
     guard_nonfinite,
     nan_if_nonfinite,
@@ -222,11 +224,13 @@ def gradvac(beta: float = 0.5, eps: float = 1e-8, *, seed: int = 0) -> PureWeigh
     return PureWeighting(init, guard_nonfinite(update))
 
 
-class PCGradWeighting(Weighting):
-    """Weighting of :func:`pcgrad_weights`.
+class PCGradWeighting(GramianWeighting):
+    """Weighting of :func:`pcgrad_weights`; not differentiable (runs under ``torch.no_grad()``), as
+    in TorchJD.
 
     Args:
         seed: Seed of the key; ``None`` draws it from torch's global generator at construction.
+            Read-only afterwards (create a new object for another seed).
 
     Example:
         >>> import torch
@@ -236,13 +240,26 @@ class PCGradWeighting(Weighting):
         tensor([2.2222, 1.5789])
     """
 
+    _differentiable = False
+    seed = Hyperparameter[int](settable=False)
+
     def __init__(self, seed: int | None = None) -> None:
-        self.seed = seed_or_draw(seed)
-        super().__init__(pcgrad(seed=self.seed), seed=self.seed)
+        super().__init__(seed=seed_or_draw(seed))
+
+    def _build(self, **hyperparameters: Any) -> PureWeighting:
+        return pcgrad(**hyperparameters)
+
+    def _weights_for_no_loss(self, gramian: Tensor) -> Tensor:
+        return gramian.new_zeros(0)  # as TorchJD: no gradient, no surgery
 
 
 class PCGrad(GramianWeightedAggregator):
-    """Aggregator summing the gradients after PCGrad's surgery.
+    """Aggregator summing the gradients after PCGrad's surgery; not differentiable (runs under
+    ``torch.no_grad()``), as in TorchJD.
+
+    Args:
+        seed: Seed of the key; ``None`` draws it from torch's global generator at construction.
+            Read-only afterwards (create a new object for another seed).
 
     Example:
         >>> import torch
@@ -251,17 +268,26 @@ class PCGrad(GramianWeightedAggregator):
         tensor([0.5848, 3.8012, 3.8012])
     """
 
+    _differentiable = False
+    gramian_weighting: PCGradWeighting
+    seed = Delegated[int]()
+
     def __init__(self, seed: int | None = None) -> None:
         super().__init__(PCGradWeighting(seed))
 
 
-class GradVacWeighting(Weighting):
-    """Weighting of :func:`gradvac_weights`, holding the targets ``φ̂`` in ``state``.
+class GradVacWeighting(GramianWeighting):
+    """Weighting of :func:`gradvac_weights`, holding the targets ``φ̂`` in ``state``; not
+    differentiable (runs under ``torch.no_grad()``), as in TorchJD.
 
     Args:
         beta: EMA rate of the targets, in ``[0, 1]``.
         eps: Added to denominators.
         seed: Seed of the key; ``None`` draws it from torch's global generator at construction.
+            Read-only afterwards (create a new object for another seed).
+
+    ``beta`` and ``eps`` are properties that can be set later (checked as here; the targets are
+    kept).
 
     Example:
         >>> import torch
@@ -275,18 +301,33 @@ class GradVacWeighting(Weighting):
         tensor([2.2222, 1.5789])
     """
 
+    _differentiable = False
+    beta = Hyperparameter[float]()
+    eps = Hyperparameter[float]()
+    seed = Hyperparameter[int](settable=False)
+
     def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int | None = None) -> None:
-        self.seed = seed_or_draw(seed)
-        super().__init__(gradvac(beta, eps, seed=self.seed), beta=beta, eps=eps, seed=self.seed)
+        super().__init__(beta=beta, eps=eps, seed=seed_or_draw(seed))
+
+    def _build(self, **hyperparameters: Any) -> PureWeighting:
+        return gradvac(**hyperparameters)
+
+    def _weights_for_no_loss(self, gramian: Tensor) -> Tensor:
+        return gramian.new_zeros(0)  # as TorchJD: no gradient, no surgery
 
 
 class GradVac(GramianWeightedAggregator):
-    """Aggregator summing the gradients after GradVac's surgery; stateful (``reset()``).
+    """Aggregator summing the gradients after GradVac's surgery; stateful (``reset()``); not
+    differentiable (runs under ``torch.no_grad()``), as in TorchJD.
 
     Args:
         beta: EMA rate of the targets, in ``[0, 1]``.
         eps: Added to denominators.
         seed: Seed of the key; ``None`` draws it from torch's global generator at construction.
+            Read-only afterwards (create a new object for another seed).
+
+    ``beta`` and ``eps`` are properties that can be set later (checked as here; the targets are
+    kept).
 
     Example:
         >>> import torch
@@ -296,6 +337,12 @@ class GradVac(GramianWeightedAggregator):
         >>> aggregator(J), aggregator(J)
         (tensor([0.5848, 3.8012, 3.8012]), tensor([1.0065, 3.2644, 3.2644]))
     """
+
+    _differentiable = False
+    gramian_weighting: GradVacWeighting
+    beta = Delegated[float]()
+    eps = Delegated[float]()
+    seed = Delegated[int]()
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int | None = None) -> None:
         super().__init__(GradVacWeighting(beta, eps, seed))

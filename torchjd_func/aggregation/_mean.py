@@ -1,12 +1,14 @@
 """Mean: the average of the rows, ``A(J) = (1/m) Σ_i g_i``."""
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from torchjd_func.aggregation._base import (
     GramianWeightedAggregator,
+    GramianWeighting,
     PureWeighting,
-    Weighting,
     check_gramian,
     nan_if_nonfinite,
     stateless,
@@ -49,7 +51,7 @@ def mean() -> PureWeighting:
     return stateless(mean_weights)
 
 
-class MeanWeighting(Weighting):
+class MeanWeighting(GramianWeighting):
     """Weighting of :func:`mean_weights`.
 
     Example:
@@ -60,7 +62,10 @@ class MeanWeighting(Weighting):
     """
 
     def __init__(self) -> None:
-        super().__init__(mean())
+        super().__init__()
+
+    def _build(self, **hyperparameters: Any) -> PureWeighting:
+        return mean()
 
 
 class Mean(GramianWeightedAggregator):

@@ -14,13 +14,18 @@ measured); here it is solved exactly, as a linear complementarity problem, by th
 active-set solver of ``torchjd_func._qp`` (KKT residual within ``reg_eps·tr(G)``).
 """
 
+from typing import Any
+
+import torch
 from torch import Tensor
 
 from torchjd_func._qp import mgda_weights as _mgda_weights
 from torchjd_func.aggregation._base import (
+    Delegated,
     GramianWeightedAggregator,
+    GramianWeighting,
+    Hyperparameter,
     PureWeighting,
-    Weighting,
     check_gramian,
     stateless,
 )
@@ -61,8 +66,10 @@ def mgda_weights(gramian: Tensor, *, reg_eps: float = 1e-8, differentiable: bool
     return _mgda_weights(gramian, reg_eps=reg, differentiable=differentiable)
 
 
-def mgda(*, reg_eps: float = 1e-8) -> PureWeighting:
+def mgda(*, reg_eps: float = 1e-8, differentiable: bool = False) -> PureWeighting:
     """MGDA as a stateless :class:`PureWeighting`; see :func:`mgda_weights`.
+
+    ``differentiable=True`` keeps the autograd graph of the Gramian (detached by default).
 
     Example:
         >>> import torch
@@ -72,17 +79,31 @@ def mgda(*, reg_eps: float = 1e-8) -> PureWeighting:
         tensor([0.6000, 0.4000])
     """
     reg = check_eps(reg_eps, "reg_eps", positive=True)
-    return stateless(lambda gramian: mgda_weights(gramian, reg_eps=reg))
+    if not isinstance(differentiable, bool):
+        raise TypeError(f"`differentiable` must be a bool, got {type(differentiable).__name__}.")
+    return stateless(
+        lambda gramian: mgda_weights(gramian, reg_eps=reg, differentiable=differentiable)
+    )
 
 
-class MGDAWeighting(Weighting):
-    """Weighting of :func:`mgda_weights`.
+def _check_max_iters(max_iters: object) -> int:
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+        raise ValueError(f"`max_iters` must be a positive int, got {max_iters!r}.")
+    return max_iters
+
+
+class MGDAWeighting(GramianWeighting):
+    """Weighting of :func:`mgda_weights`; differentiable, as TorchJD's (the weights keep the
+    Gramian's graph when it requires grad and grad mode is on; the extra solve is skipped
+    otherwise).
 
     Args:
         epsilon: Accepted for compatibility with TorchJD's Frank-Wolfe solver; the exact solver
             used here has no step tolerance, so it has no effect.
         max_iters: Accepted for compatibility with TorchJD; no effect (fixed iteration budget).
         reg_eps: See :func:`mgda_weights`.
+
+    Each argument is a property that can be set later (checked as here).
 
     Example:
         >>> import torch
@@ -92,22 +113,35 @@ class MGDAWeighting(Weighting):
         tensor([0.6000, 0.4000])
     """
 
+    epsilon = Hyperparameter[float]()
+    max_iters = Hyperparameter[int]()
+    reg_eps = Hyperparameter[float]()
+
     def __init__(self, epsilon: float = 0.001, max_iters: int = 100, reg_eps: float = 1e-8) -> None:
-        check_eps(epsilon, "epsilon")
-        if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
-            raise ValueError(f"`max_iters` must be a positive int, got {max_iters!r}.")
-        super().__init__(
-            mgda(reg_eps=reg_eps), epsilon=epsilon, max_iters=max_iters, reg_eps=reg_eps
-        )
+        super().__init__(epsilon=epsilon, max_iters=max_iters, reg_eps=reg_eps)
+
+    def _build(self, **hyperparameters: Any) -> PureWeighting:
+        check_eps(hyperparameters["epsilon"], "epsilon")
+        _check_max_iters(hyperparameters["max_iters"])
+        reg = check_eps(hyperparameters["reg_eps"], "reg_eps", positive=True)
+
+        def kernel(gramian: Tensor) -> Tensor:
+            differentiable = gramian.requires_grad and torch.is_grad_enabled()
+            return mgda_weights(gramian, reg_eps=reg, differentiable=differentiable)
+
+        return stateless(kernel)
 
 
 class MGDA(GramianWeightedAggregator):
-    """Aggregator ``A(J) = Jᵀw`` with ``w`` the min-norm convex combination of the rows.
+    """Aggregator ``A(J) = Jᵀw`` with ``w`` the min-norm convex combination of the rows;
+    differentiable, as TorchJD's.
 
     Args:
         epsilon: Accepted for compatibility with TorchJD; no effect (exact solver).
         max_iters: Accepted for compatibility with TorchJD; no effect.
         reg_eps: See :func:`mgda_weights`.
+
+    Each argument is a property that can be set later (checked as here).
 
     Example:
         >>> import torch
@@ -115,6 +149,11 @@ class MGDA(GramianWeightedAggregator):
         >>> MGDA()(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
         tensor([0.8000, 0.4000])
     """
+
+    gramian_weighting: MGDAWeighting
+    epsilon = Delegated[float]()
+    max_iters = Delegated[int]()
+    reg_eps = Delegated[float]()
 
     def __init__(self, epsilon: float = 0.001, max_iters: int = 100, reg_eps: float = 1e-8) -> None:
         super().__init__(MGDAWeighting(epsilon, max_iters, reg_eps))

@@ -8,16 +8,18 @@ The randomness is explicit: the state holds a key of the counter-based generator
 """
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from torchjd_func._prng import check_seed, key_from_seed, normal, split
 from torchjd_func.aggregation._base import (
+    Delegated,
     GramianWeightedAggregator,
+    GramianWeighting,
+    Hyperparameter,
     PureWeighting,
-    Weighting,
     check_gramian,
     guard_nonfinite,
     nan_if_nonfinite,
@@ -117,11 +119,12 @@ def seed_or_draw(seed: int | None) -> int:
     return check_seed(seed)
 
 
-class RandomWeighting(Weighting):
+class RandomWeighting(GramianWeighting):
     """Weighting of :func:`random_weights`.
 
     Args:
         seed: Seed of the key; ``None`` draws it from torch's global generator at construction.
+            Read-only afterwards (create a new object for another seed).
 
     Example:
         >>> import torch
@@ -130,16 +133,24 @@ class RandomWeighting(Weighting):
         torch.Size([3])
     """
 
+    seed = Hyperparameter[int](settable=False)
+
     def __init__(self, seed: int | None = None) -> None:
-        self.seed = seed_or_draw(seed)
-        super().__init__(random_(seed=self.seed), seed=self.seed)
+        super().__init__(seed=seed_or_draw(seed))
+
+    def _build(self, **hyperparameters: Any) -> PureWeighting:
+        return random_(**hyperparameters)
+
+    def _weights_for_no_loss(self, gramian: Tensor) -> Tensor:
+        return gramian.new_zeros(0)  # as TorchJD (the key is not split: nothing is drawn)
 
 
 class Random(GramianWeightedAggregator):
-    """Aggregator with random positive weights summing to 1 (RLW).
+    """Aggregator with random positive weights summing to 1 (RLW); differentiable.
 
     Args:
         seed: Seed of the key; ``None`` draws it from torch's global generator at construction.
+            Read-only afterwards (create a new object for another seed).
 
     Example:
         >>> import torch
@@ -147,6 +158,9 @@ class Random(GramianWeightedAggregator):
         >>> Random(seed=0)(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))[1:]
         tensor([1.0000, 1.0000])
     """
+
+    gramian_weighting: RandomWeighting
+    seed = Delegated[int]()
 
     def __init__(self, seed: int | None = None) -> None:
         super().__init__(RandomWeighting(seed))

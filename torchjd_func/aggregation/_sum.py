@@ -1,12 +1,14 @@
 """Sum: the sum of the rows, ``A(J) = Σ_i g_i``."""
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from torchjd_func.aggregation._base import (
     GramianWeightedAggregator,
+    GramianWeighting,
     PureWeighting,
-    Weighting,
     check_gramian,
     nan_if_nonfinite,
     stateless,
@@ -47,7 +49,7 @@ def sum_() -> PureWeighting:
     return stateless(sum_weights)
 
 
-class SumWeighting(Weighting):
+class SumWeighting(GramianWeighting):
     """Weighting of :func:`sum_weights`.
 
     Example:
@@ -58,7 +60,13 @@ class SumWeighting(Weighting):
     """
 
     def __init__(self) -> None:
-        super().__init__(sum_())
+        super().__init__()
+
+    def _build(self, **hyperparameters: Any) -> PureWeighting:
+        return sum_()
+
+    def _weights_for_no_loss(self, gramian: Tensor) -> Tensor:
+        return gramian.new_zeros(0)  # as TorchJD: no loss, no weight (the sum is zero)
 
 
 class Sum(GramianWeightedAggregator):

@@ -16,6 +16,7 @@ which are solved together, batched and on the Gramian's device (``torchjd_func._
 """
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
 
@@ -23,11 +24,14 @@ from torchjd_func._qp import check_eps
 from torchjd_func._qp import check_pref as _check_pref
 from torchjd_func._qp import upgrad_weights as _upgrad_weights
 from torchjd_func.aggregation._base import (
+    Delegated,
     GramianWeightedAggregator,
+    GramianWeighting,
+    Hyperparameter,
     PureWeighting,
-    Weighting,
     check_gramian,
     stateless,
+    vector_to_str,
 )
 from torchjd_func.aggregation._constant import check_vector
 
@@ -37,6 +41,7 @@ __all__ = [
     "check_eps",
     "check_pref",
     "check_pref_values",
+    "pref_suffix",
     "projection_weighting",
     "upgrad",
     "upgrad_weights",
@@ -108,9 +113,16 @@ def upgrad_weights(
 
 
 def upgrad(
-    pref_vector: Tensor | None = None, *, norm_eps: float = 1e-4, reg_eps: float = 1e-4
+    pref_vector: Tensor | None = None,
+    *,
+    norm_eps: float = 1e-4,
+    reg_eps: float = 1e-4,
+    differentiable: bool = False,
 ) -> PureWeighting:
     """UPGrad as a stateless :class:`PureWeighting`; see :func:`upgrad_weights`.
+
+    ``differentiable=True`` keeps the autograd graph of the Gramian (the weights are detached by
+    default, as in TorchJD, whose UPGrad is not differentiable).
 
     Example:
         >>> import torch
@@ -119,27 +131,46 @@ def upgrad(
         >>> upgrad().update(J @ J.T, upgrad().init(2))[0]
         tensor([1.1109, 0.7894])
     """
-    return projection_weighting(upgrad_weights, pref_vector, norm_eps, reg_eps)
+    return projection_weighting(upgrad_weights, pref_vector, norm_eps, reg_eps, differentiable)
 
 
 def projection_weighting(
-    kernel: Callable[..., Tensor], pref_vector: Tensor | None, norm_eps: float, reg_eps: float
+    kernel: Callable[..., Tensor],
+    pref_vector: Tensor | None,
+    norm_eps: float,
+    reg_eps: float,
+    differentiable: bool,
 ) -> PureWeighting:
     """A stateless :class:`PureWeighting` of a dual-cone projection kernel (UPGrad, DualProj),
     with its hyperparameters validated once, at construction."""
     check_pref_values(pref_vector)
     norm = check_eps(norm_eps, "norm_eps")
     reg = check_eps(reg_eps, "reg_eps")
-    return stateless(lambda gramian: kernel(gramian, pref_vector, norm_eps=norm, reg_eps=reg))
+    if not isinstance(differentiable, bool):
+        raise TypeError(f"`differentiable` must be a bool, got {type(differentiable).__name__}.")
+    return stateless(
+        lambda gramian: kernel(
+            gramian, pref_vector, norm_eps=norm, reg_eps=reg, differentiable=differentiable
+        )
+    )
 
 
-class UPGradWeighting(Weighting):
-    """Weighting of :func:`upgrad_weights`.
+def pref_suffix(pref_vector: Tensor | None) -> str:
+    """TorchJD's ``str`` suffix of a preference vector: ``""`` or ``([1., 2.])``."""
+    return "" if pref_vector is None else f"([{vector_to_str(pref_vector)}])"
+
+
+class UPGradWeighting(GramianWeighting):
+    """Weighting of :func:`upgrad_weights`; not differentiable (runs under ``torch.no_grad()``), as
+    in TorchJD: for gradients through the weights, wrap ``upgrad(differentiable=True)`` in a
+    :class:`GramianWeighting`.
 
     Args:
         pref_vector: Preferences ``[m]`` (not normalised); ``None`` means the mean, ``1/m``.
         norm_eps: Gramians with a trace below this are treated as zero.
         reg_eps: Added to the diagonal of the trace-normalised Gramian.
+
+    Each argument is a property that can be set later (checked as here).
 
     Example:
         >>> import torch
@@ -149,33 +180,56 @@ class UPGradWeighting(Weighting):
         tensor([1.1109, 0.7894])
     """
 
+    _differentiable = False
+    pref_vector = Hyperparameter[Tensor | None]()
+    norm_eps = Hyperparameter[float]()
+    reg_eps = Hyperparameter[float]()
+
     def __init__(
         self, pref_vector: Tensor | None = None, norm_eps: float = 1e-4, reg_eps: float = 1e-4
     ) -> None:
-        super().__init__(
-            upgrad(pref_vector, norm_eps=norm_eps, reg_eps=reg_eps),
-            pref_vector=pref_vector,
-            norm_eps=norm_eps,
-            reg_eps=reg_eps,
-        )
+        super().__init__(pref_vector=pref_vector, norm_eps=norm_eps, reg_eps=reg_eps)
+
+    def _build(self, **hyperparameters: Any) -> PureWeighting:
+        return upgrad(**hyperparameters)
 
 
 class UPGrad(GramianWeightedAggregator):
     """Aggregator ``A(J) = Σ_i π_J(u_i g_i)``: no conflict with any row (``J A(J) ≥ 0``).
+
+    Not differentiable (runs under ``torch.no_grad()``), as in TorchJD.
 
     Args:
         pref_vector: Preferences ``[m]`` (not normalised); ``None`` means the mean, ``1/m``.
         norm_eps: Gramians with a trace below this are treated as zero.
         reg_eps: Added to the diagonal of the trace-normalised Gramian.
 
+    Each argument is a property that can be set later (checked as here).
+
     Example:
         >>> import torch
         >>> from torchjd_func.aggregation import UPGrad
-        >>> UPGrad()(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+        >>> aggregator = UPGrad()
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> aggregator(J)
         tensor([0.2929, 1.9004, 1.9004])
+        >>> aggregator.pref_vector = torch.tensor([1.0, 2.0])
+        >>> aggregator(J)
+        tensor([1.6984, 6.0225, 6.0225])
+        >>> aggregator, str(aggregator)
+        (UPGrad(pref_vector=tensor([1., 2.]), norm_eps=0.0001, reg_eps=0.0001), 'UPGrad([1., 2.])')
     """
+
+    _differentiable = False
+    gramian_weighting: UPGradWeighting
+    pref_vector = Delegated[Tensor | None]()
+    norm_eps = Delegated[float]()
+    reg_eps = Delegated[float]()
 
     def __init__(
         self, pref_vector: Tensor | None = None, norm_eps: float = 1e-4, reg_eps: float = 1e-4
     ) -> None:
         super().__init__(UPGradWeighting(pref_vector, norm_eps, reg_eps))
+
+    def __str__(self) -> str:
+        return f"UPGrad{pref_suffix(self.pref_vector)}"

@@ -46,7 +46,7 @@ def aggregate_into_grads(
     if isinstance(aggregator, GramianWeightedAggregator):
         jacobian = TensorDict({str(i): jac for i, jac in enumerate(jacs)}, batch_size=[m])
         square = gramian(jacobian)
-        weights = aggregator.weighting(square)
+        weights = aggregator.gramian_weighting(square)
         weights = torch.where(square.isfinite().all(), weights, torch.nan)
         update = combine(jacobian, weights)
         accumulate_grads(params, [update[str(i)] for i in range(len(jacs))])
