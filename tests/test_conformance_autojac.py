@@ -436,7 +436,7 @@ def test_mtl_refusals_leave_every_grad_untouched() -> None:
 class _RowSum(Aggregator):
     """An aggregator that is not Gramian-weighted."""
 
-    def _aggregate(self, matrix: Tensor) -> Tensor:
+    def forward(self, matrix: Tensor, /) -> Tensor:
         return matrix.sum(dim=0)
 
 
