@@ -180,7 +180,9 @@ def _sync(device: torch.device) -> None:
 class _Functional:
     """A pure step with its (params, optimizer state, weighting state) threaded through."""
 
-    def __init__(self, step: StepFn, params: TensorDict, n_losses: int, batch: Any) -> None:
+    def __init__(
+        self, step: StepFn[Any, Any], params: TensorDict, n_losses: int, batch: Any
+    ) -> None:
         self.step, self.batch = step, batch
         self.state = (params, sgd(LR).init(params), upgrad().init(n_losses))
 
@@ -198,7 +200,12 @@ def compile_with(fn: Callable[..., Any], backend: str) -> Callable[..., Any]:
 
 
 def _jd(
-    step: StepFn, params: TensorDict, config: Config, batch: Any, method: str, backend: str
+    step: StepFn[Any, Any],
+    params: TensorDict,
+    config: Config,
+    batch: Any,
+    method: str,
+    backend: str,
 ) -> Step:
     if method == "jd-compiled":
         torch._dynamo.reset()

@@ -17,6 +17,7 @@ Run: ``python examples/mtl_functional.py [--steps N] [--no-compile] [--plot PATH
 import argparse
 import importlib.util
 import warnings
+from typing import Any
 
 import torch
 from tensordict import TensorDict
@@ -33,7 +34,7 @@ warnings.filterwarnings("ignore", message="`torch._prims_common.check` is deprec
 torch.manual_seed(0)
 trunk = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU())
 heads = nn.ModuleDict({"task1": nn.Linear(16, 1), "task2": nn.Linear(16, 1)})
-WEIGHTINGS: dict[str, PureWeighting] = {"upgrad": upgrad(), "mean": mean()}
+WEIGHTINGS: dict[str, PureWeighting[Any]] = {"upgrad": upgrad(), "mean": mean()}
 
 
 def trunk_fn(params: TensorDict, x: Tensor) -> Tensor:
@@ -58,10 +59,12 @@ def make_data(n_batches: int, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
     return x, y1, y2
 
 
-def train(weighting: PureWeighting, steps: int, lr: float, compile_step: bool) -> dict[str, Tensor]:
+def train(
+    weighting: PureWeighting[Any], steps: int, lr: float, compile_step: bool
+) -> dict[str, Tensor]:
     """Trains from the shared initialisation; returns the losses and ``J @ d`` of every step."""
     optimizer = sgd(lr, momentum=0.5)
-    step: StepFn = mtl_step(trunk_fn, heads_fn, weighting, optimizer)
+    step: StepFn[Any, Any] = mtl_step(trunk_fn, heads_fn, weighting, optimizer)
     if compile_step:
         step = torch.compile(step, fullgraph=True)
     params = TensorDict({"shared": params_of(trunk), "heads": params_of(heads)})

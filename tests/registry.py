@@ -6,6 +6,7 @@ The shared suite in ``test_weightings.py`` checks each entry for the properties 
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,7 +40,7 @@ STATEFUL = "stateful"
 @dataclass(frozen=True)
 class Entry:
     name: str
-    make: Callable[[int], PureWeighting]
+    make: Callable[[int], PureWeighting[Any]]
     """Builds the weighting for ``m`` losses (Constant needs ``m``)."""
     properties: frozenset[str]
     linearity_tol: float = 1e-4

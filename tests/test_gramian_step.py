@@ -157,7 +157,7 @@ def _sample_losses_fn(
     return sample_losses
 
 
-WEIGHTINGS: dict[str, Callable[[], PureWeighting]] = {
+WEIGHTINGS: dict[str, Callable[[], PureWeighting[Any]]] = {
     "upgrad": upgrad,
     "gradvac": gradvac,
     "random": random_,
@@ -199,7 +199,7 @@ def test_step_equals_per_sample_step(model_name: str, loss_shape: str, weighting
         expected_state = (expected.params, expected.opt_state, expected.agg_state)
 
 
-def _assert_same_output(actual: StepOutput, expected: StepOutput) -> None:
+def _assert_same_output(actual: StepOutput[Any, Any], expected: StepOutput[Any, Any]) -> None:
     for key, value in dotted_leaves(expected.params).items():
         assert_close(dotted_leaves(actual.params)[key], value)
     for name in ("losses", "weights", "decrease"):
@@ -207,8 +207,8 @@ def _assert_same_output(actual: StepOutput, expected: StepOutput) -> None:
 
 
 def _run_steps(
-    step: Callable[..., StepOutput],
-    compiled: Callable[..., StepOutput],
+    step: Callable[..., StepOutput[Any, Any]],
+    compiled: Callable[..., StepOutput[Any, Any]],
     state: tuple[Any, ...],
     spec: Model,
     n_steps: int,

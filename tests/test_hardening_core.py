@@ -86,7 +86,7 @@ def test_jac_to_grad_on_float16_params_matches_float64_torchjd() -> None:
 
 @pytest.mark.parametrize(("ours", "theirs"), CASES)
 def test_optimizers_keep_the_params_dtype(
-    ours: Callable[[], Optimizer], theirs: Callable[[Any], torch.optim.Optimizer]
+    ours: Callable[[], Optimizer[Any]], theirs: Callable[[Any], torch.optim.Optimizer]
 ) -> None:
     generator = torch.Generator().manual_seed(0)
     start = torch.randn(5, generator=generator)
@@ -123,13 +123,13 @@ BAD_CALLS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("beta 1", lambda: adam(betas=(0.9, 1.0)), ValueError, r"in \[0, 1\)"),
     (
         "adam state to sgd",
-        lambda: _SGD.update(_PARAMS, _ADAM.init(_PARAMS), _PARAMS),
+        lambda: _SGD.update(_PARAMS, _ADAM.init(_PARAMS), _PARAMS),  # type: ignore[arg-type]
         TypeError,
         "must be a SGDState, got AdamState",
     ),
     (
         "sgd state to adam",
-        lambda: _ADAM.update(_PARAMS, _SGD.init(_PARAMS), _PARAMS),
+        lambda: _ADAM.update(_PARAMS, _SGD.init(_PARAMS), _PARAMS),  # type: ignore[arg-type]
         TypeError,
         "must be a AdamState, got SGDState",
     ),

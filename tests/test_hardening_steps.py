@@ -68,7 +68,9 @@ def _mtl_params() -> TensorDict:
 
 
 # name -> (build(weighting, optimizer, **kw), params, batch(x, y), number of losses)
-BUILDERS: dict[str, tuple[Callable[..., StepFn], Callable[[], TensorDict], Callable[..., Any], int]]
+BUILDERS: dict[
+    str, tuple[Callable[..., StepFn[Any, Any]], Callable[[], TensorDict], Callable[..., Any], int]
+]
 BUILDERS = {
     "jd_step": (
         lambda w, o, **kw: jd_step(losses_fn, w, o, **kw),
@@ -106,8 +108,8 @@ X, Y = torch.randn(B, 3), torch.randn(B, 2)
 X2, Y2 = torch.randn(B, 3), torch.randn(B, 2)
 
 
-def _sweep_configs(n: int) -> list[tuple[PureWeighting, Optimizer]]:
-    weightings: list[Callable[[], PureWeighting]] = [upgrad, mean, dualproj, pcgrad, gradvac]
+def _sweep_configs(n: int) -> list[tuple[PureWeighting[Any], Optimizer[Any]]]:
+    weightings: list[Callable[[], PureWeighting[Any]]] = [upgrad, mean, dualproj, pcgrad, gradvac]
     return [
         (
             weightings[i % len(weightings)](),
@@ -156,13 +158,13 @@ def _assert_identical(a: Any, b: Any) -> None:
         assert torch.equal(u, v), (u, v)
 
 
-WEIGHTINGS: dict[str, Callable[[], PureWeighting]] = {
+WEIGHTINGS: dict[str, Callable[[], PureWeighting[Any]]] = {
     "upgrad": upgrad,
     "gradvac": gradvac,
     "pcgrad": pcgrad,
     "random": random_,
 }
-OPTIMIZERS: dict[str, Callable[[], Optimizer]] = {
+OPTIMIZERS: dict[str, Callable[[], Optimizer[Any]]] = {
     "sgd_momentum": lambda: sgd(0.05, momentum=0.9),
     "adam": lambda: adam(1e-2),
 }

@@ -49,7 +49,7 @@ STATEFUL: list[Callable[[], Weighting]] = [
     lambda: PCGradWeighting(seed=11),
     lambda: RandomWeighting(seed=11),
 ]
-FACTORIES: dict[str, Callable[[], PureWeighting]] = {
+FACTORIES: dict[str, Callable[[], PureWeighting[Any]]] = {
     "mean": mean,
     "sum": sum_,
     "constant": lambda: constant(torch.tensor([1.0, 2.0, 3.0])),
@@ -319,8 +319,8 @@ def test_bad_arguments_get_clear_errors(
 def test_wrong_state_type_names_the_expected_state() -> None:
     gramian = _gramians(1)[0]
     with pytest.raises(TypeError, match="Expected a GradVacState"):
-        gradvac().update(gramian, EmptyState())
+        gradvac().update(gramian, EmptyState())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Expected a RandomState"):
-        pcgrad().update(gramian, EmptyState())
+        pcgrad().update(gramian, EmptyState())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="EmptyState"):
-        mean().update(gramian, random_().init(3))
+        mean().update(gramian, random_().init(3))  # type: ignore[arg-type]

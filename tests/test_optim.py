@@ -12,7 +12,7 @@ from tests.settings import DEVICE
 from tests.utils import dotted_leaves
 from torchjd_func.optim import Optimizer, adam, sgd
 
-CASES: list[tuple[Callable[[], Optimizer], Callable[[Any], torch.optim.Optimizer]]] = [
+CASES: list[tuple[Callable[[], Optimizer[Any]], Callable[[Any], torch.optim.Optimizer]]] = [
     (lambda: sgd(0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
     (lambda: sgd(0.1, 0.9), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
     (
@@ -33,7 +33,7 @@ CASES: list[tuple[Callable[[], Optimizer], Callable[[Any], torch.optim.Optimizer
 
 @pytest.mark.parametrize(("ours", "theirs"), CASES)
 def test_matches_torch_optim_over_several_steps(
-    ours: Callable[[], Optimizer], theirs: Callable[[Any], torch.optim.Optimizer]
+    ours: Callable[[], Optimizer[Any]], theirs: Callable[[Any], torch.optim.Optimizer]
 ) -> None:
     generator = torch.Generator().manual_seed(0)
     start = {"a": torch.randn(3, 2, generator=generator), "b": torch.randn(4, generator=generator)}
@@ -71,7 +71,7 @@ def test_errors() -> None:
     for bad in (torch.ones(3), torch.ones(2, device="meta")):
         for opt in (sgd(0.1, momentum=0.9), adam()):
             with pytest.raises(ValueError, match=r"gradient of 'a' has shape \[\d\] on"):
-                opt.update(TensorDict({"a": bad}), opt.init(params), params)
+                opt.update(TensorDict({"a": bad}), opt.init(params), params)  # type: ignore[arg-type, arg-type]
 
 
 @pytest.mark.parametrize("nesterov", [False, True])

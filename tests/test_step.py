@@ -54,7 +54,7 @@ class Case:
     def __init__(
         self,
         name: str,
-        build: Callable[[PureWeighting], StepFn],
+        build: Callable[[PureWeighting[Any]], StepFn[Any, Any]],
         params: Callable[[], TensorDict],
         batch: Callable[[], Any],
         n_losses: int,
@@ -104,7 +104,7 @@ CASES = [
         3 * BATCH,
     ),
 ]
-WEIGHTINGS: dict[str, Callable[[], PureWeighting]] = {"upgrad": upgrad, "gradvac": gradvac}
+WEIGHTINGS: dict[str, Callable[[], PureWeighting[Any]]] = {"upgrad": upgrad, "gradvac": gradvac}
 
 
 @pytest.fixture(autouse=True)
@@ -151,7 +151,7 @@ def test_compiles_once_without_graph_break_and_equals_eager(case: Case, weightin
 def step_optimizer_state(case: Case, params: TensorDict) -> Any:
     """The optimizer state the case's step expects (the optimizer is inside the step)."""
     optimizer = {"mtl": sgd(0.1, 0.9), "jd": adam(1e-2), "iwrm": sgd(0.1), "iwmtl": adam(1e-2)}
-    return optimizer[case.name].init(params)
+    return optimizer[case.name].init(params)  # type: ignore[attr-defined]
 
 
 def test_inductor_compiled_mtl_step_equals_eager() -> None:
@@ -229,7 +229,7 @@ def test_step_errors() -> None:
         jd_step(losses_fn, upgrad(), torch.optim.SGD)  # type: ignore[arg-type]
     step = mtl_step(trunk_fn, heads_fn, upgrad(), sgd(0.1))
     with pytest.raises(ValueError, match="shared"):
-        step(params_of(MODEL), None, upgrad().init(3), _mtl_batch())
+        step(params_of(MODEL), None, upgrad().init(3), _mtl_batch())  # type: ignore[arg-type]
 
 
 def _upgrad_state(case: Case) -> tuple[TensorDict, Any, Any]:

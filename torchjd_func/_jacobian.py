@@ -13,7 +13,7 @@ wrong params).
 
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, NamedTuple, cast
+from typing import Any, Generic, Literal, NamedTuple, TypeVar, cast, overload
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -37,14 +37,18 @@ __all__ = [
 ]
 
 
-class JacobianOutput(NamedTuple):
-    """What :func:`value_and_jacobian` and :func:`value_and_per_sample_jacobian` return."""
+_Aux = TypeVar("_Aux")
+
+
+class JacobianOutput(NamedTuple, Generic[_Aux]):
+    """What :func:`value_and_jacobian` and :func:`value_and_per_sample_jacobian` return (generic
+    in the type of ``aux``: ``None`` without ``has_aux``)."""
 
     value: Tensor
     """The output of ``fn`` (the losses), shape ``s``."""
     jacobian: Jacobian
     """Leaves ``[*s, *param.shape]``, ``batch_size = s``."""
-    aux: Any
+    aux: _Aux
     """The auxiliary output of ``fn`` when ``has_aux=True``, else ``None``."""
 
 
@@ -141,13 +145,43 @@ def _value_and_rows(
     return output, shaped, aux
 
 
+@overload
+def value_and_jacobian(
+    fn: Callable[..., Tensor],
+    params: TensorDictBase,
+    *args: Any,
+    chunk_size: int | None = None,
+    has_aux: Literal[False] = False,
+) -> JacobianOutput[None]: ...
+
+
+@overload
+def value_and_jacobian(
+    fn: Callable[..., tuple[Tensor, _Aux]],
+    params: TensorDictBase,
+    *args: Any,
+    chunk_size: int | None = None,
+    has_aux: Literal[True],
+) -> JacobianOutput[_Aux]: ...
+
+
+@overload
+def value_and_jacobian(
+    fn: Callable[..., Any],
+    params: TensorDictBase,
+    *args: Any,
+    chunk_size: int | None = None,
+    has_aux: bool,
+) -> JacobianOutput[Any]: ...  # ``has_aux`` known only at run time: ``aux`` may be anything.
+
+
 def value_and_jacobian(
     fn: Callable[..., Any],
     params: TensorDictBase,
     *args: Any,
     chunk_size: int | None = None,
     has_aux: bool = False,
-) -> JacobianOutput:
+) -> JacobianOutput[Any]:
     """The value of ``fn(params, *args)`` and its Jacobian w.r.t. ``params``, in one forward pass.
 
     For losses ``L = fn(params, *args)`` of any shape ``s`` (``[]``, ``[m]``, ``[B]``, ``[B, m]``,
@@ -265,6 +299,39 @@ def _batch_size(args: Sequence[Any], dims: Sequence[int | None]) -> int:
     return size
 
 
+@overload
+def value_and_per_sample_jacobian(
+    fn: Callable[..., Tensor],
+    params: TensorDictBase,
+    *args: Any,
+    in_dims: int | Sequence[int | None] = 0,
+    chunk_size: int | None = None,
+    has_aux: Literal[False] = False,
+) -> JacobianOutput[None]: ...
+
+
+@overload
+def value_and_per_sample_jacobian(
+    fn: Callable[..., tuple[Tensor, _Aux]],
+    params: TensorDictBase,
+    *args: Any,
+    in_dims: int | Sequence[int | None] = 0,
+    chunk_size: int | None = None,
+    has_aux: Literal[True],
+) -> JacobianOutput[_Aux]: ...
+
+
+@overload
+def value_and_per_sample_jacobian(
+    fn: Callable[..., Any],
+    params: TensorDictBase,
+    *args: Any,
+    in_dims: int | Sequence[int | None] = 0,
+    chunk_size: int | None = None,
+    has_aux: bool,
+) -> JacobianOutput[Any]: ...  # ``has_aux`` known only at run time: ``aux`` may be anything.
+
+
 def value_and_per_sample_jacobian(
     fn: Callable[..., Any],
     params: TensorDictBase,
@@ -272,7 +339,7 @@ def value_and_per_sample_jacobian(
     in_dims: int | Sequence[int | None] = 0,
     chunk_size: int | None = None,
     has_aux: bool = False,
-) -> JacobianOutput:
+) -> JacobianOutput[Any]:
     """Per-sample losses and their Jacobian, from a function written for one sample.
 
     ``fn(params, *sample_args)`` computes the losses of **one** sample (shape ``s``: ``[]`` for
@@ -399,8 +466,8 @@ def mtl_jacobian(
     | Mapping[str, Callable[..., Tensor]],
     shared_params: TensorDictBase,
     head_params: TensorDictBase,
-    trunk_args: Sequence[Any] = (),
-    head_args: Sequence[Any] = (),
+    trunk_args: Sequence[object] = (),
+    head_args: Sequence[object] = (),
     *,
     chunk_size: int | None = None,
 ) -> MTLJacobian:

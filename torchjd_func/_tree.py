@@ -1,7 +1,7 @@
 """Leaves of parameter TensorDicts, their validation, and the functional call of a module."""
 
-from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar, cast
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -148,13 +148,24 @@ def _check_devices(
             )
 
 
+_Output_co = TypeVar("_Output_co", covariant=True)
+
+
+class _Forward(Protocol[_Output_co]):
+    """A module whose ``forward`` returns ``_Output_co`` (``Tensor`` for ``nn.Linear``)."""
+
+    @property
+    def forward(self) -> Callable[..., _Output_co]: ...
+
+
 def call(
-    module: nn.Module,
+    module: _Forward[_Output_co],
     params: TensorDictBase,
+    # The module's inputs: ``forward``'s own parameters, which this wrapper cannot spell.
     *args: Any,
     buffers: TensorDictBase | None = None,
     **kwargs: Any,
-) -> Any:
+) -> _Output_co:
     """Calls ``module(*args, **kwargs)`` with its parameters replaced by ``params``.
 
     A thin wrapper of ``torch.func.functional_call`` that takes a nested TensorDict. Parameters
@@ -169,7 +180,9 @@ def call(
         **kwargs: Keyword inputs of the module.
 
     Returns:
-        Whatever ``module`` returns.
+        Whatever ``module`` returns; for a type checker, the return type of its ``forward``
+        (``Tensor`` for ``nn.Linear``; ``Any`` where ``forward`` is not annotated, as in
+        ``nn.Sequential``: annotate the result, ``out: Tensor = call(model, params, x)``).
 
     Raises:
         TypeError: ``module`` is not an ``nn.Module`` or ``params`` is not a TensorDict.
@@ -204,7 +217,8 @@ def call(
             "`params` must mirror the module tree, as `params_of(module)` gives them."
         )
     _check_devices(module, replacements, own, args, kwargs)
-    return functional(module, replacements, args, kwargs)
+    output: _Output_co = functional(module, replacements, args, kwargs)
+    return output
 
 
 def _slots(module: nn.Module) -> dict[str, tuple[int, str]]:

@@ -1,5 +1,6 @@
 """Type aliases shared by the public modules."""
 
+from collections.abc import Callable, Sequence
 from typing import TypeAlias
 
 from tensordict import TensorDict
@@ -20,3 +21,11 @@ Weights: TypeAlias = Tensor
 
 LeafKey: TypeAlias = tuple[str, ...]
 """The full nested key of one leaf of a TensorDict, e.g. ``("0", "weight")``."""
+
+# The arguments of user functions are ``...``: ``Callable[Concatenate[TensorDict, ...], Tensor]``
+# would also check the params' type, but mypy then cannot infer the type of a lambda.
+LossFn: TypeAlias = Callable[..., Tensor]
+"""``fn(params, *args) -> losses``: the params (a TensorDict) first, then any inputs."""
+
+FeaturesFn: TypeAlias = Callable[..., Tensor | Sequence[Tensor]]
+"""``trunk_fn(shared_params, *args) -> features``: a Tensor or a sequence of Tensors."""

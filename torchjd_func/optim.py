@@ -14,7 +14,7 @@ synchronisation.
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -25,11 +25,30 @@ from torchjd_func._tree import dotted, from_leaves, leaves
 __all__ = ["AdamState", "Optimizer", "SGDState", "adam", "sgd"]
 
 
-class Optimizer(NamedTuple):
-    """A functional optimizer: ``init(params) -> state``, ``update(grads, state, params)``."""
+OptState = TypeVar("OptState", bound=tuple[object, ...])
+"""The state type of an optimizer (``SGDState``, ``AdamState``)."""
 
-    init: Callable[[TensorDictBase], Any]
-    update: Callable[[TensorDictBase, Any, TensorDictBase], tuple[TensorDict, Any]]
+
+class Optimizer(NamedTuple, Generic[OptState]):
+    """A functional optimizer: ``init(params) -> state``, ``update(grads, state, params)``.
+
+    Generic in its state type: ``sgd(...)`` is an ``Optimizer[SGDState]``, ``adam(...)`` an
+    ``Optimizer[AdamState]``.
+
+    Example:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from torchjd_func.optim import sgd
+        >>> optimizer = sgd(lr=0.5)
+        >>> params = TensorDict({"w": torch.ones(2)})
+        >>> state = optimizer.init(params)
+        >>> params, state = optimizer.update(TensorDict({"w": torch.ones(2)}), state, params)
+        >>> params["w"], int(state.steps)
+        (tensor([0.5000, 0.5000]), 1)
+    """
+
+    init: Callable[[TensorDictBase], OptState]
+    update: Callable[[TensorDictBase, OptState, TensorDictBase], tuple[TensorDict, OptState]]
 
 
 class SGDState(NamedTuple):
@@ -177,7 +196,7 @@ def sgd(
     dampening: float = 0.0,
     weight_decay: float = 0.0,
     nesterov: bool = False,
-) -> Optimizer:
+) -> Optimizer[SGDState]:
     """Stochastic gradient descent, with the update rule of ``torch.optim.SGD``.
 
     .. math::
@@ -268,7 +287,7 @@ def adam(
     eps: float = 1e-8,
     *,
     weight_decay: float = 0.0,
-) -> Optimizer:
+) -> Optimizer[AdamState]:
     """Adam, with the update rule of ``torch.optim.Adam``.
 
     .. math::

@@ -34,7 +34,7 @@ Example:
 
 import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeAlias
 
 import torch
 import torch.utils._pytree as pytree
@@ -49,8 +49,10 @@ from torchjd_func._jacobian import (
     value_and_per_sample_jacobian,
 )
 from torchjd_func._probes import check_model, value_and_mtl_gramian, value_and_per_sample_gramian
+from torchjd_func._types import FeaturesFn, LossFn
 from torchjd_func.aggregation import PureWeighting
-from torchjd_func.optim import Optimizer
+from torchjd_func.aggregation._base import S
+from torchjd_func.optim import Optimizer, OptState
 
 __all__ = [
     "StepFn",
@@ -63,14 +65,15 @@ __all__ = [
 ]
 
 
-class StepOutput(NamedTuple):
-    """What a step function returns."""
+class StepOutput(NamedTuple, Generic[OptState, S]):
+    """What a step function returns, generic in the optimizer's and the weighting's state types
+    (``StepOutput[SGDState, EmptyState]`` for ``sgd`` and ``upgrad``)."""
 
     params: TensorDict
     """The updated parameters (the given ones if the step was skipped)."""
-    opt_state: Any
+    opt_state: OptState
     """The optimizer's new state (the given one if the step was skipped)."""
-    agg_state: Any
+    agg_state: S
     """The weighting's new state (the given one if the step was skipped)."""
     metrics: dict[str, Tensor]
     """``"losses"`` (before the update), ``"weights"`` (the aggregation weights) and
@@ -81,8 +84,11 @@ class StepOutput(NamedTuple):
     and returned its inputs unchanged (always ``False`` with ``skip_nonfinite=False``)."""
 
 
-StepFn = Callable[[TensorDictBase, Any, Any, Sequence[Any]], StepOutput]
-"""``step(params, opt_state, agg_state, batch) -> StepOutput``."""
+StepFn: TypeAlias = Callable[
+    [TensorDictBase, OptState, S, Sequence[object]], StepOutput[OptState, S]
+]
+"""``step(params, opt_state, agg_state, batch) -> StepOutput``: ``StepFn[SGDState, EmptyState]``
+for ``sgd`` and ``upgrad``."""
 
 
 class _Parts(NamedTuple):
@@ -103,8 +109,8 @@ _Core = Callable[[TensorDictBase, Any, Sequence[Any]], _Parts]
 
 
 def _check(
-    weighting: PureWeighting,
-    optimizer: Optimizer,
+    weighting: PureWeighting[Any],
+    optimizer: Optimizer[Any],
     skip_nonfinite: bool,
     *,
     functions: Mapping[str, object],
@@ -159,8 +165,8 @@ def _check_heads_fn(heads_fn: object) -> None:
 
 
 def _weigh(
-    jacobian: TensorDictBase, weighting: PureWeighting, agg_state: Any
-) -> tuple[Tensor, Tensor, Any, TensorDict, Tensor]:
+    jacobian: TensorDictBase, weighting: PureWeighting[S], agg_state: S
+) -> tuple[Tensor, Tensor, S, TensorDict, Tensor]:
     """``(G, weights, state, Jᵀw, J Jᵀw)`` for a Jacobian of losses of any shape (the steps check
     ``G``, the weighting's input, as well as its output)."""
     square = flatten_gramian(gramian(jacobian))
@@ -187,12 +193,14 @@ def _select(keep_new: Tensor, new: Any, old: Any) -> Any:
     )
 
 
-def _step_fn(core: _Core, optimizer: Optimizer, skip_nonfinite: bool) -> StepFn:
+def _step_fn(
+    core: _Core, optimizer: Optimizer[OptState], skip_nonfinite: bool
+) -> StepFn[OptState, Any]:
     """The step: ``core``, the optimizer, and the selection of the old or the new values."""
 
     def step(
-        params: TensorDictBase, opt_state: Any, agg_state: Any, batch: Sequence[Any]
-    ) -> StepOutput:
+        params: TensorDictBase, opt_state: OptState, agg_state: Any, batch: Sequence[object]
+    ) -> StepOutput[OptState, Any]:
         parts = core(params, agg_state, batch)
         new_params, new_opt_state = optimizer.update(parts.grads, opt_state, params)
         metrics = {"losses": parts.losses, "weights": parts.weights, "decrease": parts.decrease}
@@ -232,13 +240,13 @@ def _step_fn(core: _Core, optimizer: Optimizer, skip_nonfinite: bool) -> StepFn:
 
 
 def jd_step(
-    losses_fn: Callable[..., Tensor],
-    weighting: PureWeighting,
-    optimizer: Optimizer,
+    losses_fn: LossFn,
+    weighting: PureWeighting[S],
+    optimizer: Optimizer[OptState],
     *,
     chunk_size: int | None = None,
     skip_nonfinite: bool = True,
-) -> StepFn:
+) -> StepFn[OptState, S]:
     """A Jacobian-descent step for ``losses_fn(params, *batch)`` (losses of any shape ``s``).
 
     The Jacobian comes from :func:`~torchjd_func.value_and_jacobian` (one backward pass per loss,
@@ -284,14 +292,14 @@ def jd_step(
 
 
 def per_sample_step(
-    sample_losses_fn: Callable[..., Tensor],
-    weighting: PureWeighting,
-    optimizer: Optimizer,
+    sample_losses_fn: LossFn,
+    weighting: PureWeighting[S],
+    optimizer: Optimizer[OptState],
     *,
     in_dims: int | Sequence[int | None] = 0,
     chunk_size: int | None = None,
     skip_nonfinite: bool = True,
-) -> StepFn:
+) -> StepFn[OptState, S]:
     """An IWRM (losses ``[B]``) or IWMTL (losses ``[B, m]``) step from a per-sample function.
 
     ``sample_losses_fn(params, *sample)`` computes the loss (``[]``) or losses (``[m]``) of one
@@ -334,16 +342,14 @@ def per_sample_step(
 
 
 def mtl_step(
-    trunk_fn: Callable[..., Tensor | Sequence[Tensor]],
-    heads_fn: Callable[..., Tensor]
-    | Sequence[Callable[..., Tensor]]
-    | Mapping[str, Callable[..., Tensor]],
-    weighting: PureWeighting,
-    optimizer: Optimizer,
+    trunk_fn: FeaturesFn,
+    heads_fn: LossFn | Sequence[LossFn] | Mapping[str, LossFn],
+    weighting: PureWeighting[S],
+    optimizer: Optimizer[OptState],
     *,
     chunk_size: int | None = None,
     skip_nonfinite: bool = True,
-) -> StepFn:
+) -> StepFn[OptState, S]:
     """A multi-task step: shared trunk aggregated by ``weighting``, heads by their own gradient.
 
     ``params`` is ``TensorDict({"shared": trunk params, "heads": head params})`` and ``batch`` is
@@ -418,12 +424,12 @@ def _check_pair(batch: object, names: str) -> tuple[Sequence[Any], Sequence[Any]
 
 def mtl_gramian_step(
     trunk: nn.Module,
-    heads_fn: Callable[..., Tensor] | Mapping[str, Callable[..., Tensor]],
-    weighting: PureWeighting,
-    optimizer: Optimizer,
+    heads_fn: LossFn | Mapping[str, LossFn],
+    weighting: PureWeighting[S],
+    optimizer: Optimizer[OptState],
     *,
     skip_nonfinite: bool = True,
-) -> StepFn:
+) -> StepFn[OptState, S]:
     """:func:`mtl_step` for a trunk module of closed-form layers, without the task Jacobian.
 
     ``params`` is ``TensorDict({"shared": trunk params, "heads": head params})`` and ``batch`` is
@@ -514,12 +520,13 @@ def mtl_gramian_step(
 
 def gramian_step(
     model: nn.Module,
+    # ``losses_fn(outputs, *targets)``: the outputs are whatever the model returns.
     losses_fn: Callable[..., Tensor],
-    weighting: PureWeighting,
-    optimizer: Optimizer,
+    weighting: PureWeighting[S],
+    optimizer: Optimizer[OptState],
     *,
     skip_nonfinite: bool = True,
-) -> StepFn:
+) -> StepFn[OptState, S]:
     """An IWRM (losses ``[B]``) or IWMTL (losses ``[B, m]``) step without the Jacobian.
 
     ``batch = (inputs, targets)``, two tuples: the losses are

@@ -1,7 +1,7 @@
 """Aggregation of Jacobian TensorDicts, as a whole or per group of parameters."""
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Generic, NamedTuple
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -9,34 +9,34 @@ from tensordict import TensorDict, TensorDictBase
 from torchjd_func._gramian import combine, flatten_gramian, gramian, reshape_weights
 from torchjd_func._grouping import GroupingStrategy, Groups, group_params
 from torchjd_func._tree import from_leaves, leaves
-from torchjd_func.aggregation._base import PureWeighting
+from torchjd_func.aggregation._base import PureWeighting, S
 
 __all__ = ["Aggregation", "GroupAggregation", "aggregate", "aggregate_groups", "init_group_states"]
 
 
-class Aggregation(NamedTuple):
-    """What :func:`aggregate` returns."""
+class Aggregation(NamedTuple, Generic[S]):
+    """What :func:`aggregate` returns (generic in the weighting's state type)."""
 
     update: TensorDict
     """The update direction ``Jᵀw``, params-shaped."""
     weights: torch.Tensor
     """The weights, in the losses' shape ``s``."""
-    state: Any
+    state: S
     """The weighting's new state."""
 
 
-class GroupAggregation(NamedTuple):
-    """What :func:`aggregate_groups` returns."""
+class GroupAggregation(NamedTuple, Generic[S]):
+    """What :func:`aggregate_groups` returns (generic in the weightings' state type)."""
 
     update: TensorDict
     """The update, params-shaped: each group's parameters moved by its own aggregation."""
     weights: TensorDict
     """``{group name: weights}``, each in the losses' shape ``s`` (``batch_size = s``)."""
-    states: dict[str, Any]
+    states: dict[str, S]
     """``{group name: new state}``."""
 
 
-def aggregate(jac: TensorDictBase, weighting: PureWeighting, state: Any) -> Aggregation:
+def aggregate(jac: TensorDictBase, weighting: PureWeighting[S], state: S) -> Aggregation[S]:
     """Aggregates a Jacobian TensorDict with a weighting of its Gramian.
 
     ``G = flatten_gramian(gramian(J))`` (generalized Gramians of losses ``s`` are flattened to
@@ -74,8 +74,8 @@ def aggregate(jac: TensorDictBase, weighting: PureWeighting, state: Any) -> Aggr
 
 
 def _per_group(
-    names: list[str], weightings: PureWeighting | Mapping[str, PureWeighting]
-) -> dict[str, PureWeighting]:
+    names: list[str], weightings: PureWeighting[S] | Mapping[str, PureWeighting[S]]
+) -> dict[str, PureWeighting[S]]:
     if isinstance(weightings, PureWeighting):
         return dict.fromkeys(names, weightings)
     if not isinstance(weightings, Mapping):
@@ -92,12 +92,12 @@ def _per_group(
 
 def init_group_states(
     groups: Groups,
-    weightings: PureWeighting | Mapping[str, PureWeighting],
+    weightings: PureWeighting[S] | Mapping[str, PureWeighting[S]],
     m: int,
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
-) -> dict[str, Any]:
+) -> dict[str, S]:
     """One initial state per group: ``{group name: weighting.init(m, ...)}``.
 
     Args:
@@ -126,9 +126,9 @@ def init_group_states(
 def aggregate_groups(
     jac: TensorDictBase,
     groups: Groups | GroupingStrategy,
-    weightings: PureWeighting | Mapping[str, PureWeighting],
-    states: Mapping[str, Any],
-) -> GroupAggregation:
+    weightings: PureWeighting[S] | Mapping[str, PureWeighting[S]],
+    states: Mapping[str, S],
+) -> GroupAggregation[S]:
     """Aggregates each group of parameters independently, with its own weighting and state.
 
     The Gradient Vaccine strategies (together, per network, per layer, per tensor) in one call:
@@ -170,7 +170,7 @@ def aggregate_groups(
         )
     updates: dict[tuple[str, ...], torch.Tensor] = {}
     weights: dict[str, torch.Tensor] = {}
-    new_states: dict[str, Any] = {}
+    new_states: dict[str, S] = {}
     for name, members in resolved.items():
         result = aggregate(jac.select(*members), per_group[name], states[name])
         updates.update(leaves(result.update))

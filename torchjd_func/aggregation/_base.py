@@ -48,7 +48,12 @@ class EmptyState(NamedTuple):
     """The state of a stateless weighting."""
 
 
-class InitFn(Protocol):
+S = TypeVar("S", bound=tuple[object, ...])
+"""The state type of a weighting: a ``NamedTuple`` of tensors (``EmptyState``, ``GradVacState``)."""
+_S_co = TypeVar("_S_co", bound=tuple[object, ...], covariant=True)
+
+
+class InitFn(Protocol[_S_co]):
     """``init(m, *, dtype, device) -> state``."""
 
     def __call__(
@@ -57,17 +62,21 @@ class InitFn(Protocol):
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
-    ) -> Any: ...
+    ) -> _S_co: ...
 
 
-class UpdateFn(Protocol):
+class UpdateFn(Protocol[S]):
     """``update(gramian [..., m, m], state) -> (weights [..., m], new_state)``."""
 
-    def __call__(self, gramian: Tensor, state: Any) -> tuple[Tensor, Any]: ...
+    def __call__(self, gramian: Tensor, state: S, /) -> tuple[Tensor, S]: ...
 
 
-class PureWeighting(NamedTuple):
-    """A weighting as a pair of pure functions ``(init, update)``.
+class PureWeighting(NamedTuple, Generic[S]):
+    """A weighting as a pair of pure functions ``(init, update)``, generic in its state type.
+
+    ``upgrad()`` is a ``PureWeighting[EmptyState]``, ``gradvac()`` a
+    ``PureWeighting[GradVacState]``: a type checker follows the state from ``init`` through
+    ``update`` to a step's output.
 
     Example:
         >>> import torch
@@ -80,8 +89,8 @@ class PureWeighting(NamedTuple):
         tensor([1.1109, 0.7894])
     """
 
-    init: InitFn
-    update: UpdateFn
+    init: InitFn[S]
+    update: UpdateFn[S]
 
 
 def check_gramian(gramian: object, m: int | None = None) -> Tensor:
@@ -115,7 +124,7 @@ def nan_if_nonfinite(gramian: Tensor, weights: Tensor) -> Tensor:
     return torch.where(finite, weights, torch.full_like(weights, float("nan")))
 
 
-def guard_nonfinite(update: UpdateFn) -> UpdateFn:
+def guard_nonfinite(update: UpdateFn[S]) -> UpdateFn[S]:
     """``update`` made safe for non-finite Gramians, without host synchronisation.
 
     Where a Gramian of the batch ``[..., m, m]`` holds a NaN or an infinity, its weights are NaN;
@@ -133,19 +142,23 @@ def guard_nonfinite(update: UpdateFn) -> UpdateFn:
         (tensor([nan, nan]), True)
     """
 
-    def guarded(gramian: Tensor, state: Any) -> tuple[Tensor, Any]:
+    def guarded(gramian: Tensor, state: S, /) -> tuple[Tensor, S]:
         weights, new_state = update(gramian, state)
         skip = gramian.isfinite().logical_not().any()
         kept = [
-            torch.where(skip, old.to(new.dtype), new) if isinstance(new, Tensor) else new
+            torch.where(skip, old.to(new.dtype), new)
+            if isinstance(new, Tensor) and isinstance(old, Tensor)
+            else new
             for old, new in zip(state, new_state, strict=True)
         ]
-        return nan_if_nonfinite(gramian, weights), type(new_state)(*kept)
+        # A state is a NamedTuple of tensors: rebuilt field by field, it has its type.
+        rebuilt: S = type(new_state)(*kept)  # type: ignore[arg-type]
+        return nan_if_nonfinite(gramian, weights), rebuilt
 
     return guarded
 
 
-def stateless(kernel: Callable[[Tensor], Tensor]) -> PureWeighting:
+def stateless(kernel: Callable[[Tensor], Tensor]) -> PureWeighting[EmptyState]:
     """A :class:`PureWeighting` from a pure kernel ``gramian [..., m, m] -> weights [..., m]``.
 
     Its ``update`` is guarded (:func:`guard_nonfinite`): non-finite Gramians give NaN weights.
@@ -160,7 +173,7 @@ def stateless(kernel: Callable[[Tensor], Tensor]) -> PureWeighting:
         del m, dtype, device
         return EmptyState()
 
-    def update(gramian: Tensor, state: Any) -> tuple[Tensor, EmptyState]:
+    def update(gramian: Tensor, state: EmptyState, /) -> tuple[Tensor, EmptyState]:
         if not isinstance(state, EmptyState):
             raise TypeError(f"Expected the EmptyState of a stateless weighting, got {state!r}.")
         return kernel(check_gramian(gramian)), state
@@ -242,6 +255,8 @@ class _Composition(Weighting):
         weights: Tensor = self.weighting(self.fn(stat))
         return weights
 
+    # ``Any``: the class front door (TorchJD's dynamic API) holds any weighting's state; the
+    # functional ``PureWeighting[S]`` is the typed route.
     @property
     def state(self) -> Any:
         """The state of the composed weighting."""
@@ -359,7 +374,7 @@ class GramianWeighting(Weighting):
         True
     """
 
-    def __init__(self, pure: PureWeighting | None = None, /, **hyperparameters: Any) -> None:
+    def __init__(self, pure: PureWeighting[Any] | None = None, /, **hyperparameters: Any) -> None:
         super().__init__()
         if pure is None:
             pure = self._build(**hyperparameters)
@@ -374,7 +389,7 @@ class GramianWeighting(Weighting):
         self.pure = pure
         self.state = None
 
-    def _build(self, **hyperparameters: Any) -> PureWeighting:
+    def _build(self, **hyperparameters: Any) -> PureWeighting[Any]:
         """The :class:`PureWeighting` of these arguments; raises for bad ones."""
         raise TypeError(
             f"{type(self).__name__} needs a PureWeighting: `GramianWeighting(pure)`, e.g. "
@@ -393,6 +408,8 @@ class GramianWeighting(Weighting):
             "without a loss (TorchJD raises too). Aggregate at least one loss."
         )
 
+    # ``Any``: the class front door (TorchJD's dynamic API) holds any weighting's state; the
+    # functional ``PureWeighting[S]`` is the typed route.
     @property
     def state(self) -> Any:
         """The state of the wrapped :class:`PureWeighting` (``None`` before the first call)."""
@@ -575,6 +592,8 @@ class WeightedAggregator(Aggregator):
         weights = self.weighting(matrix)
         return weights.to(matrix.dtype) @ matrix
 
+    # ``Any``: the class front door (TorchJD's dynamic API) holds any weighting's state; the
+    # functional ``PureWeighting[S]`` is the typed route.
     @property
     def state(self) -> Any:
         """The state of the weighting (``None`` before the first call or when stateless)."""

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from torchjd_func.aggregation._base import (
     Delegated,
+    EmptyState,
     GramianWeightedAggregator,
     GramianWeighting,
     Hyperparameter,
@@ -78,7 +79,7 @@ def constant_weights(gramian: Tensor, weights: Tensor) -> Tensor:
     return nan_if_nonfinite(gramian, out.expand(*gramian.shape[:-1]))
 
 
-def constant(weights: Tensor) -> PureWeighting:
+def constant(weights: Tensor) -> PureWeighting[EmptyState]:
     """The constant weighting as a stateless :class:`PureWeighting`.
 
     Example:
@@ -120,7 +121,7 @@ class ConstantWeighting(GramianWeighting):
     def __init__(self, weights: Tensor) -> None:
         super().__init__(weights=weights)
 
-    def _build(self, **hyperparameters: Any) -> PureWeighting:
+    def _build(self, **hyperparameters: Any) -> PureWeighting[Any]:
         weights = check_vector(hyperparameters["weights"], "weights", empty=True)
         if weights.shape[0] == 0:
 

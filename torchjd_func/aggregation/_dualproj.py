@@ -18,6 +18,7 @@ from torch import Tensor
 from torchjd_func._qp import dualproj_weights as _dualproj_weights
 from torchjd_func.aggregation._base import (
     Delegated,
+    EmptyState,
     GramianWeightedAggregator,
     GramianWeighting,
     Hyperparameter,
@@ -80,7 +81,7 @@ def dualproj(
     norm_eps: float = 1e-4,
     reg_eps: float = 1e-4,
     differentiable: bool = False,
-) -> PureWeighting:
+) -> PureWeighting[EmptyState]:
     """DualProj as a stateless :class:`PureWeighting`; see :func:`dualproj_weights`.
 
     ``differentiable=True`` keeps the autograd graph of the Gramian (the weights are detached by
@@ -126,7 +127,7 @@ class DualProjWeighting(GramianWeighting):
     ) -> None:
         super().__init__(pref_vector=pref_vector, norm_eps=norm_eps, reg_eps=reg_eps)
 
-    def _build(self, **hyperparameters: Any) -> PureWeighting:
+    def _build(self, **hyperparameters: Any) -> PureWeighting[Any]:
         return dualproj(**hyperparameters)
 
 

@@ -43,7 +43,7 @@ from torchjd_func.aggregation._base import (
     guard_nonfinite,
     nan_if_nonfinite,
 )
-from torchjd_func.aggregation._random import keyed, seed_or_draw
+from torchjd_func.aggregation._random import RandomState, keyed, seed_or_draw
 from torchjd_func.aggregation._upgrad import check_eps
 
 __all__ = [
@@ -165,7 +165,7 @@ def gradvac_weights(
     return nan_if_nonfinite(gramian, weights), new_targets
 
 
-def pcgrad(*, seed: int = 0) -> PureWeighting:
+def pcgrad(*, seed: int = 0) -> PureWeighting[RandomState]:
     """PCGrad as a :class:`PureWeighting` whose state is a :class:`RandomState`.
 
     Example:
@@ -179,7 +179,7 @@ def pcgrad(*, seed: int = 0) -> PureWeighting:
     return keyed(pcgrad_weights, seed)
 
 
-def gradvac(beta: float = 0.5, eps: float = 1e-8, *, seed: int = 0) -> PureWeighting:
+def gradvac(beta: float = 0.5, eps: float = 1e-8, *, seed: int = 0) -> PureWeighting[GradVacState]:
     """GradVac as a :class:`PureWeighting` whose state is a :class:`GradVacState`.
 
     Args:
@@ -246,7 +246,7 @@ class PCGradWeighting(GramianWeighting):
     def __init__(self, seed: int | None = None) -> None:
         super().__init__(seed=seed_or_draw(seed))
 
-    def _build(self, **hyperparameters: Any) -> PureWeighting:
+    def _build(self, **hyperparameters: Any) -> PureWeighting[Any]:
         return pcgrad(**hyperparameters)
 
     def _weights_for_no_loss(self, gramian: Tensor) -> Tensor:
@@ -309,7 +309,7 @@ class GradVacWeighting(GramianWeighting):
     def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int | None = None) -> None:
         super().__init__(beta=beta, eps=eps, seed=seed_or_draw(seed))
 
-    def _build(self, **hyperparameters: Any) -> PureWeighting:
+    def _build(self, **hyperparameters: Any) -> PureWeighting[Any]:
         return gradvac(**hyperparameters)
 
     def _weights_for_no_loss(self, gramian: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from torchjd_func.aggregation._base import (
+    EmptyState,
     GramianWeightedAggregator,
     GramianWeighting,
     PureWeighting,
@@ -38,7 +39,7 @@ def mean_weights(gramian: Tensor) -> Tensor:
     return nan_if_nonfinite(gramian, weights)
 
 
-def mean() -> PureWeighting:
+def mean() -> PureWeighting[EmptyState]:
     """The mean weighting as a stateless :class:`PureWeighting`.
 
     Example:
@@ -64,7 +65,7 @@ class MeanWeighting(GramianWeighting):
     def __init__(self) -> None:
         super().__init__()
 
-    def _build(self, **hyperparameters: Any) -> PureWeighting:
+    def _build(self, **hyperparameters: Any) -> PureWeighting[Any]:
         return mean()
 
 

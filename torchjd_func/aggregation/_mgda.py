@@ -22,6 +22,7 @@ from torch import Tensor
 from torchjd_func._qp import mgda_weights as _mgda_weights
 from torchjd_func.aggregation._base import (
     Delegated,
+    EmptyState,
     GramianWeightedAggregator,
     GramianWeighting,
     Hyperparameter,
@@ -66,7 +67,7 @@ def mgda_weights(gramian: Tensor, *, reg_eps: float = 1e-8, differentiable: bool
     return _mgda_weights(gramian, reg_eps=reg, differentiable=differentiable)
 
 
-def mgda(*, reg_eps: float = 1e-8, differentiable: bool = False) -> PureWeighting:
+def mgda(*, reg_eps: float = 1e-8, differentiable: bool = False) -> PureWeighting[EmptyState]:
     """MGDA as a stateless :class:`PureWeighting`; see :func:`mgda_weights`.
 
     ``differentiable=True`` keeps the autograd graph of the Gramian (detached by default).
@@ -120,7 +121,7 @@ class MGDAWeighting(GramianWeighting):
     def __init__(self, epsilon: float = 0.001, max_iters: int = 100, reg_eps: float = 1e-8) -> None:
         super().__init__(epsilon=epsilon, max_iters=max_iters, reg_eps=reg_eps)
 
-    def _build(self, **hyperparameters: Any) -> PureWeighting:
+    def _build(self, **hyperparameters: Any) -> PureWeighting[Any]:
         check_eps(hyperparameters["epsilon"], "epsilon")
         _check_max_iters(hyperparameters["max_iters"])
         reg = check_eps(hyperparameters["reg_eps"], "reg_eps", positive=True)

@@ -66,7 +66,7 @@ def random_weights(gramian: Tensor, key: Tensor) -> Tensor:
     return nan_if_nonfinite(gramian, torch.softmax(noise, dim=-1).to(gramian.dtype))
 
 
-def random_(*, seed: int = 0) -> PureWeighting:
+def random_(*, seed: int = 0) -> PureWeighting[RandomState]:
     """The random weighting as a :class:`PureWeighting` whose state is a :class:`RandomState`.
 
     Args:
@@ -86,7 +86,7 @@ def random_(*, seed: int = 0) -> PureWeighting:
     return keyed(random_weights, seed)
 
 
-def keyed(kernel: Callable[[Tensor, Tensor], Tensor], seed: int) -> PureWeighting:
+def keyed(kernel: Callable[[Tensor, Tensor], Tensor], seed: int) -> PureWeighting[RandomState]:
     """A :class:`PureWeighting` of a randomised ``kernel(gramian, key)``: its state is a
     :class:`RandomState` whose key is split at every call (kept for a non-finite Gramian, see
     :func:`guard_nonfinite`)."""
@@ -138,7 +138,7 @@ class RandomWeighting(GramianWeighting):
     def __init__(self, seed: int | None = None) -> None:
         super().__init__(seed=seed_or_draw(seed))
 
-    def _build(self, **hyperparameters: Any) -> PureWeighting:
+    def _build(self, **hyperparameters: Any) -> PureWeighting[Any]:
         return random_(**hyperparameters)
 
     def _weights_for_no_loss(self, gramian: Tensor) -> Tensor:

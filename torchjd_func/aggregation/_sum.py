@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from torchjd_func.aggregation._base import (
+    EmptyState,
     GramianWeightedAggregator,
     GramianWeighting,
     PureWeighting,
@@ -37,7 +38,7 @@ def sum_weights(gramian: Tensor) -> Tensor:
     return nan_if_nonfinite(gramian, ones)
 
 
-def sum_() -> PureWeighting:
+def sum_() -> PureWeighting[EmptyState]:
     """The sum weighting as a stateless :class:`PureWeighting` (``sum_``: ``sum`` is a builtin).
 
     Example:
@@ -62,7 +63,7 @@ class SumWeighting(GramianWeighting):
     def __init__(self) -> None:
         super().__init__()
 
-    def _build(self, **hyperparameters: Any) -> PureWeighting:
+    def _build(self, **hyperparameters: Any) -> PureWeighting[Any]:
         return sum_()
 
     def _weights_for_no_loss(self, gramian: Tensor) -> Tensor:

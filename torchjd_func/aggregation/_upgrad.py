@@ -25,6 +25,7 @@ from torchjd_func._qp import check_pref as _check_pref
 from torchjd_func._qp import upgrad_weights as _upgrad_weights
 from torchjd_func.aggregation._base import (
     Delegated,
+    EmptyState,
     GramianWeightedAggregator,
     GramianWeighting,
     Hyperparameter,
@@ -118,7 +119,7 @@ def upgrad(
     norm_eps: float = 1e-4,
     reg_eps: float = 1e-4,
     differentiable: bool = False,
-) -> PureWeighting:
+) -> PureWeighting[EmptyState]:
     """UPGrad as a stateless :class:`PureWeighting`; see :func:`upgrad_weights`.
 
     ``differentiable=True`` keeps the autograd graph of the Gramian (the weights are detached by
@@ -140,7 +141,7 @@ def projection_weighting(
     norm_eps: float,
     reg_eps: float,
     differentiable: bool,
-) -> PureWeighting:
+) -> PureWeighting[EmptyState]:
     """A stateless :class:`PureWeighting` of a dual-cone projection kernel (UPGrad, DualProj),
     with its hyperparameters validated once, at construction."""
     check_pref_values(pref_vector)
@@ -190,7 +191,7 @@ class UPGradWeighting(GramianWeighting):
     ) -> None:
         super().__init__(pref_vector=pref_vector, norm_eps=norm_eps, reg_eps=reg_eps)
 
-    def _build(self, **hyperparameters: Any) -> PureWeighting:
+    def _build(self, **hyperparameters: Any) -> PureWeighting[Any]:
         return upgrad(**hyperparameters)
 
 
