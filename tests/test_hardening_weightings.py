@@ -2,6 +2,7 @@
 Gramians (NaN weights, state unchanged), and clear errors for bad arguments."""
 
 import io
+import pickle
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from torchjd_func.aggregation import (
     GradVac,
     GradVacWeighting,
     GramianWeightedAggregator,
+    GramianWeighting,
     Mean,
     PCGrad,
     PCGradWeighting,
@@ -34,8 +36,10 @@ from torchjd_func.aggregation import (
     Weighting,
     aggregate,
     constant,
+    dualproj,
     gradvac,
     mean,
+    mgda,
     pcgrad,
     random_,
     sum_,
@@ -151,6 +155,10 @@ PICKLED: list[Callable[[], Aggregator | Weighting | Flattening]] = [
     lambda: Flattening(GradVacWeighting(seed=2)),
     lambda: GramianWeightedAggregator(UPGradWeighting()),
     lambda: ConstantWeighting(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)),
+    # The generic wrapper of a PureWeighting (its functions are pickled, not rebuilt).
+    lambda: GramianWeightedAggregator(GramianWeighting(upgrad(differentiable=True))),
+    lambda: GramianWeighting(gradvac(beta=0.3, seed=2)),
+    lambda: GramianWeighting(pcgrad(seed=3)),
 ]
 
 
@@ -172,6 +180,35 @@ def test_torch_save_round_trip_continues_identically(
     # reset() of a loaded object restarts from its seed: the first call of the run again.
     copy.reset()
     assert torch.equal(copy(inputs[0]), before[0])
+
+
+PURE: list[Callable[[], PureWeighting[Any]]] = [
+    upgrad,
+    dualproj,
+    mgda,
+    mean,
+    sum_,
+    lambda: constant(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)),
+    lambda: random_(seed=4),
+    lambda: pcgrad(seed=4),
+    lambda: gradvac(beta=0.2, seed=4),
+]
+
+
+@pytest.mark.parametrize("make", PURE)
+def test_pure_weightings_pickle_and_continue_identically(
+    make: Callable[[], PureWeighting[Any]],
+) -> None:
+    generator = torch.Generator().manual_seed(2)
+    matrices = [torch.randn(3, 5, generator=generator, dtype=torch.float64) for _ in range(4)]
+    original = make()
+    state = original.init(3, dtype=torch.float64)
+    loaded = pickle.loads(pickle.dumps(original))
+    loaded_state = pickle.loads(pickle.dumps(state))
+    for matrix in matrices:
+        expected, state = original.update(matrix @ matrix.T, state)
+        weights, loaded_state = loaded.update(matrix @ matrix.T, loaded_state)
+        assert torch.equal(weights, expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

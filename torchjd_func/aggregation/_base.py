@@ -142,8 +142,30 @@ def guard_nonfinite(update: UpdateFn[S]) -> UpdateFn[S]:
         (tensor([nan, nan]), True)
     """
 
-    def guarded(gramian: Tensor, state: S, /) -> tuple[Tensor, S]:
-        weights, new_state = update(gramian, state)
+    return _Guarded(update)
+
+
+def stateless(kernel: Callable[[Tensor], Tensor]) -> PureWeighting[EmptyState]:
+    """A :class:`PureWeighting` from a pure kernel ``gramian [..., m, m] -> weights [..., m]``.
+
+    Its ``update`` is guarded (:func:`guard_nonfinite`): non-finite Gramians give NaN weights.
+    """
+
+    return PureWeighting(_StatelessInit(), guard_nonfinite(_StatelessUpdate(kernel)))
+
+
+# The functions of the built-in weightings are small callable objects rather than closures, so
+# that a PureWeighting, and a class weighting wrapping one, can be pickled.
+
+
+class _Guarded(Generic[S]):
+    """The update of :func:`guard_nonfinite`."""
+
+    def __init__(self, update: UpdateFn[S]) -> None:
+        self.update = update
+
+    def __call__(self, gramian: Tensor, state: S, /) -> tuple[Tensor, S]:
+        weights, new_state = self.update(gramian, state)
         skip = gramian.isfinite().logical_not().any()
         kept = [
             torch.where(skip, old.to(new.dtype), new)
@@ -155,16 +177,12 @@ def guard_nonfinite(update: UpdateFn[S]) -> UpdateFn[S]:
         rebuilt: S = type(new_state)(*kept)  # type: ignore[arg-type]
         return nan_if_nonfinite(gramian, weights), rebuilt
 
-    return guarded
 
+class _StatelessInit:
+    """The ``init`` of a stateless weighting."""
 
-def stateless(kernel: Callable[[Tensor], Tensor]) -> PureWeighting[EmptyState]:
-    """A :class:`PureWeighting` from a pure kernel ``gramian [..., m, m] -> weights [..., m]``.
-
-    Its ``update`` is guarded (:func:`guard_nonfinite`): non-finite Gramians give NaN weights.
-    """
-
-    def init(
+    def __call__(
+        self,
         m: int,
         *,
         dtype: torch.dtype = torch.float32,
@@ -173,12 +191,17 @@ def stateless(kernel: Callable[[Tensor], Tensor]) -> PureWeighting[EmptyState]:
         del m, dtype, device
         return EmptyState()
 
-    def update(gramian: Tensor, state: EmptyState, /) -> tuple[Tensor, EmptyState]:
+
+class _StatelessUpdate:
+    """The ``update`` of :func:`stateless` (unguarded)."""
+
+    def __init__(self, kernel: Callable[[Tensor], Tensor]) -> None:
+        self.kernel = kernel
+
+    def __call__(self, gramian: Tensor, state: EmptyState, /) -> tuple[Tensor, EmptyState]:
         if not isinstance(state, EmptyState):
             raise TypeError(f"Expected the EmptyState of a stateless weighting, got {state!r}.")
-        return kernel(check_gramian(gramian)), state
-
-    return PureWeighting(init, guard_nonfinite(update))
+        return self.kernel(check_gramian(gramian)), state
 
 
 # --- The class front door: nn.Modules with TorchJD's names and hierarchy. ---------------------

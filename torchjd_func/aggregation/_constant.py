@@ -1,5 +1,6 @@
 """Constant: a fixed linear combination of the rows, ``A(J) = Σ_i c_i g_i``."""
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -90,7 +91,7 @@ def constant(weights: Tensor) -> PureWeighting[EmptyState]:
         tensor([1., 2.])
     """
     check_vector(weights, "weights")
-    return stateless(lambda gramian: constant_weights(gramian, weights))
+    return stateless(partial(constant_weights, weights=weights))
 
 
 def _mismatch(weights: Tensor, m: int) -> ValueError:

@@ -202,26 +202,43 @@ def gradvac(beta: float = 0.5, eps: float = 1e-8, *, seed: int = 0) -> PureWeigh
         raise ValueError(f"`beta` must be in [0, 1], got {beta}.")
     check_eps(eps, "eps")
     check_seed(seed)
+    return PureWeighting(_GradVacInit(seed), guard_nonfinite(_GradVacUpdate(beta, eps)))
 
-    def init(
+
+class _GradVacInit:
+    """The ``init`` of :func:`gradvac` (an object, not a closure, so that it pickles)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __call__(
+        self,
         m: int,
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> GradVacState:
         targets = torch.zeros(m, m, dtype=dtype, device=device)
-        return GradVacState(targets, key_from_seed(seed, device))
+        return GradVacState(targets, key_from_seed(self.seed, device))
 
-    def update(gramian: Tensor, state: GradVacState) -> tuple[Tensor, GradVacState]:
+
+class _GradVacUpdate:
+    """The (unguarded) ``update`` of :func:`gradvac`."""
+
+    def __init__(self, beta: float, eps: float) -> None:
+        self.beta = beta
+        self.eps = eps
+
+    def __call__(self, gramian: Tensor, state: GradVacState, /) -> tuple[Tensor, GradVacState]:
         if not isinstance(state, GradVacState):
             raise TypeError(
                 f"Expected a GradVacState (from `gradvac(...).init(m)`), got {state!r}."
             )
         kept, used = split(state.key)
-        weights, targets = gradvac_weights(gramian, state.targets, used, beta=beta, eps=eps)
+        weights, targets = gradvac_weights(
+            gramian, state.targets, used, beta=self.beta, eps=self.eps
+        )
         return weights, GradVacState(targets, kept)
-
-    return PureWeighting(init, guard_nonfinite(update))
 
 
 class PCGradWeighting(GramianWeighting):

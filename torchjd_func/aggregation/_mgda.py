@@ -14,6 +14,7 @@ measured); here it is solved exactly, as a linear complementarity problem, by th
 active-set solver of ``torchjd_func._qp`` (KKT residual within ``reg_eps·tr(G)``).
 """
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -82,9 +83,7 @@ def mgda(*, reg_eps: float = 1e-8, differentiable: bool = False) -> PureWeightin
     reg = check_eps(reg_eps, "reg_eps", positive=True)
     if not isinstance(differentiable, bool):
         raise TypeError(f"`differentiable` must be a bool, got {type(differentiable).__name__}.")
-    return stateless(
-        lambda gramian: mgda_weights(gramian, reg_eps=reg, differentiable=differentiable)
-    )
+    return stateless(partial(mgda_weights, reg_eps=reg, differentiable=differentiable))
 
 
 def _check_max_iters(max_iters: object) -> int:

@@ -91,25 +91,39 @@ def keyed(kernel: Callable[[Tensor, Tensor], Tensor], seed: int) -> PureWeightin
     :class:`RandomState` whose key is split at every call (kept for a non-finite Gramian, see
     :func:`guard_nonfinite`)."""
     check_seed(seed)
+    return PureWeighting(_KeyedInit(seed), guard_nonfinite(_KeyedUpdate(kernel)))
 
-    def init(
+
+class _KeyedInit:
+    """The ``init`` of :func:`keyed` (an object, not a closure, so that it pickles)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __call__(
+        self,
         m: int,
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> RandomState:
         del m, dtype
-        return RandomState(key_from_seed(seed, device))
+        return RandomState(key_from_seed(self.seed, device))
 
-    def update(gramian: Tensor, state: RandomState) -> tuple[Tensor, RandomState]:
+
+class _KeyedUpdate:
+    """The (unguarded) ``update`` of :func:`keyed`."""
+
+    def __init__(self, kernel: Callable[[Tensor, Tensor], Tensor]) -> None:
+        self.kernel = kernel
+
+    def __call__(self, gramian: Tensor, state: RandomState, /) -> tuple[Tensor, RandomState]:
         if not isinstance(state, RandomState):
             raise TypeError(
                 f"Expected a RandomState (from this weighting's `init`), got {state!r}."
             )
         kept, used = split(state.key)
-        return kernel(gramian, used), RandomState(kept)
-
-    return PureWeighting(init, guard_nonfinite(update))
+        return self.kernel(gramian, used), RandomState(kept)
 
 
 def seed_or_draw(seed: int | None) -> int:

@@ -16,6 +16,7 @@ which are solved together, batched and on the Gramian's device (``torchjd_func._
 """
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from torch import Tensor
@@ -150,8 +151,12 @@ def projection_weighting(
     if not isinstance(differentiable, bool):
         raise TypeError(f"`differentiable` must be a bool, got {type(differentiable).__name__}.")
     return stateless(
-        lambda gramian: kernel(
-            gramian, pref_vector, norm_eps=norm, reg_eps=reg, differentiable=differentiable
+        partial(
+            kernel,
+            pref_vector=pref_vector,
+            norm_eps=norm,
+            reg_eps=reg,
+            differentiable=differentiable,
         )
     )
 
