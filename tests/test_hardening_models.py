@@ -295,7 +295,10 @@ def test_recurrent_layers_per_sample(kind: Callable[..., nn.Module], dtype: torc
 def test_recurrent_layer_in_gramian_step_gets_recurrent_advice() -> None:
     model = nn.Sequential(nn.Linear(3, 3), nn.LSTM(3, 4, batch_first=True))
     model[1].requires_grad_(False)
-    with pytest.raises(ValueError, match=r"is a recurrent layer.*per_sample_step") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"is a recurrent layer.*`jd_step`.*per_sample_step.*nn\.GRU",
+    ) as info:
         gramian_step(model, lambda outputs: outputs[0].sum(dim=(1, 2)), upgrad(), sgd(0.1))
     assert "eval mode" not in str(info.value)
 

@@ -125,8 +125,9 @@ def _coupling_advice(module: nn.Module, fallback: str) -> str:
     """What to do about a module that :func:`_batch_incompatibility` rejects, by its kind."""
     if isinstance(module, nn.RNNBase):
         return (
-            f"Use `{fallback}` (per-sample Jacobians of any differentiable model), or `jd_step` "
-            "on the losses of the whole batch."
+            "Use `jd_step` on the losses of the whole batch ([B] or [B, m]: the same per-sample "
+            f"rows), or `{fallback}` where torch.vmap has a rule for the layer (it has none for "
+            "nn.GRU and nn.RNN on the CPU, nor for nn.LSTM in float64 there)."
         )
     return (
         "Put it in eval mode (BatchNorm with running statistics), replace it (e.g. by GroupNorm "
