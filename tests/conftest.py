@@ -6,6 +6,10 @@ import torch
 
 from tests.settings import DEVICE
 
+# Scripts that tests/test_typed_usage.py type-checks and runs in a subprocess; some lines are
+# deliberate mistakes that raise, so pytest must not import them (as --doctest-modules would).
+collect_ignore = ["typed_usage"]
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> Iterator[None]:
