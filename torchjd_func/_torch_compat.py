@@ -26,10 +26,12 @@ Private torch APIs used elsewhere, left in place:
 * ``torch._foreach_*`` (:mod:`torchjd_func.optim`): public by convention (``torch.optim`` is built
   on them) and looked up at call time;
 * ``import torch.utils._pytree as pytree`` in :mod:`torchjd_func.step`;
-* the tensor attributes ``Tensor._version`` (in-place modification checks) and
-  ``Tensor._is_view()`` (:mod:`torchjd_func.autogram`, :mod:`torchjd_func._probes`);
+* the tensor attributes ``Tensor._version`` (in-place modification checks in
+  :mod:`torchjd_func._probes` and :mod:`torchjd_func.autogram`) and ``Tensor._is_view()``
+  (:mod:`torchjd_func.autogram`);
 * ``nn.Module._apply``, overridden by the aggregators (:mod:`torchjd_func.aggregation`);
-* ``torch._dynamo`` is only named in comments and docstrings.
+* ``torch._dynamo`` is only named in comments and docstrings (:mod:`torchjd_func.step`); the
+  package asks ``torch.compiler.is_compiling()``, which is public.
 """
 
 from collections.abc import Callable
