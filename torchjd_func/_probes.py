@@ -36,7 +36,6 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor, nn
 from torch.func import vjp, vmap
-from torch.utils._pytree import tree_leaves
 
 from torchjd_func._jacobian import (
     VjpFn,
@@ -45,6 +44,7 @@ from torchjd_func._jacobian import (
     check_task_mapping,
     task_rows,
 )
+from torchjd_func._torch_compat import forward_hooks, set_forward_hooks, tree_leaves
 from torchjd_func._tree import call, check_params, dotted, from_leaves, leaves
 from torchjd_func._types import LeafKey
 from torchjd_func.autogram._engine import _batch_incompatibility
@@ -215,16 +215,16 @@ def _run(
 ) -> Any:
     """``call(model, params, *inputs)`` with the hook ``hook_of(i)`` on layer ``i``, removed after
     (even on an error)."""
-    originals = [layer.module._forward_hooks for layer in layers]
+    originals = [forward_hooks(layer.module) for layer in layers]
     try:
         for i, (layer, original) in enumerate(zip(layers, originals, strict=True)):
             hooks: dict[Any, Callable[..., Any]] = OrderedDict([*original.items()])
             hooks[_PROBE] = hook_of(i)
-            layer.module._forward_hooks = hooks
+            set_forward_hooks(layer.module, hooks)
         return call(model, params, *inputs)
     finally:
         for layer, original in zip(layers, originals, strict=True):
-            layer.module._forward_hooks = original
+            set_forward_hooks(layer.module, original)
 
 
 class _Plan(NamedTuple):

@@ -33,8 +33,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torch._C._functorch import is_batchedtensor
-from torch._higher_order_ops import scan, while_loop
+
+from torchjd_func._torch_compat import is_batchedtensor, scan, while_loop
 
 __all__ = [
     "check_eps",

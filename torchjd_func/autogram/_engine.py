@@ -24,10 +24,10 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.func import vjp, vmap
-from torch.utils._pytree import tree_flatten, tree_map, tree_map_only
 from torch.utils.hooks import RemovableHandle
 
 from torchjd_func._gramian import gramian
+from torchjd_func._torch_compat import tree_flatten, tree_map, tree_map_only
 from torchjd_func._tree import functional
 from torchjd_func.autogram._fast import DISPATCH, fast_square_gramian
 from torchjd_func.autogram._recording import (

@@ -27,7 +27,7 @@ from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 # `torch.utils._pytree` is private but is what torch.func itself uses to walk module inputs and
 # outputs; TorchJD's engine relies on it too.
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+from torchjd_func._torch_compat import tree_flatten, tree_leaves, tree_unflatten
 
 _TOKENS = itertools.count()
 
