@@ -15,7 +15,7 @@ weightings, each a pair of pure functions ``(init, update)`` with explicit state
 A wrapper of a weighting (CR-MOGM) is a function of a ``PureWeighting`` returning one.
 """
 
-from typing import Generic, NamedTuple, Protocol
+from typing import Generic, NamedTuple, Protocol, cast
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -223,12 +223,12 @@ class _GuardedJacobian(Generic[S]):
         out, weights, new_state = self.update(jacobian, state)
         flags = [value.isfinite().all() for value in leaves(jacobian).values()]
         skip = torch.stack(flags).all().logical_not()
-        nan = torch.tensor(float("nan"))
 
         def poison(value: Tensor) -> Tensor:
-            return torch.where(skip, nan.to(device=value.device, dtype=value.dtype), value)
+            return torch.where(skip, value.new_full((), float("nan")), value)
 
-        out = out.apply(poison)
+        # ``apply`` returns ``None`` only with ``inplace``-style callbacks that return ``None``.
+        out = cast(TensorDict, out.apply(poison))
         if weights is not None:
             weights = poison(weights)
         kept = [
