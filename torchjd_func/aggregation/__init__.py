@@ -39,6 +39,7 @@ from torchjd_func.aggregation._base import (
     guard_nonfinite,
     stateless,
 )
+from torchjd_func.aggregation._config import config, config_weights
 from torchjd_func.aggregation._constant import (
     Constant,
     ConstantWeighting,
@@ -51,7 +52,9 @@ from torchjd_func.aggregation._dualproj import (
     dualproj,
     dualproj_weights,
 )
+from torchjd_func.aggregation._excess_mtl import ExcessMTLState, excess_mtl, excess_mtl_weights
 from torchjd_func.aggregation._flattening import Flattening
+from torchjd_func.aggregation._graddrop import graddrop, graddrop_aggregate
 from torchjd_func.aggregation._gradvac import (
     GradVac,
     GradVacState,
@@ -65,6 +68,7 @@ from torchjd_func.aggregation._gradvac import (
 )
 from torchjd_func.aggregation._mean import Mean, MeanWeighting, mean, mean_weights
 from torchjd_func.aggregation._mgda import MGDA, MGDAWeighting, mgda, mgda_weights
+from torchjd_func.aggregation._modo import MoDoState, modo, modo_weights
 from torchjd_func.aggregation._random import (
     Random,
     RandomState,
@@ -72,6 +76,7 @@ from torchjd_func.aggregation._random import (
     random_,
     random_weights,
 )
+from torchjd_func.aggregation._sdmgrad import SDMGradState, sdmgrad, sdmgrad_weights
 from torchjd_func.aggregation._sum import Sum, SumWeighting, sum_, sum_weights
 from torchjd_func.aggregation._upgrad import UPGrad, UPGradWeighting, upgrad, upgrad_weights
 
@@ -84,6 +89,7 @@ __all__ = [
     "DualProj",
     "DualProjWeighting",
     "EmptyState",
+    "ExcessMTLState",
     "Flattening",
     "GradVac",
     "GradVacState",
@@ -95,12 +101,14 @@ __all__ = [
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "MoDoState",
     "PCGrad",
     "PCGradWeighting",
     "PureWeighting",
     "Random",
     "RandomState",
     "RandomWeighting",
+    "SDMGradState",
     "Sum",
     "SumWeighting",
     "UPGrad",
@@ -110,10 +118,16 @@ __all__ = [
     "Weighting",
     "aggregate",
     "aggregate_groups",
+    "config",
+    "config_weights",
     "constant",
     "constant_weights",
     "dualproj",
     "dualproj_weights",
+    "excess_mtl",
+    "excess_mtl_weights",
+    "graddrop",
+    "graddrop_aggregate",
     "gradvac",
     "gradvac_weights",
     "guard_nonfinite",
@@ -122,10 +136,14 @@ __all__ = [
     "mean_weights",
     "mgda",
     "mgda_weights",
+    "modo",
+    "modo_weights",
     "pcgrad",
     "pcgrad_weights",
     "random_",
     "random_weights",
+    "sdmgrad",
+    "sdmgrad_weights",
     "stateless",
     "sum_",
     "sum_weights",
