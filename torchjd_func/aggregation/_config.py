@@ -91,6 +91,9 @@ def config_weights(
     ):
         raise ValueError(f"`rtol` must be a finite, non-negative float, got {rtol!r}.")
     g = gramian.detach().to(torch.float64)
+    # eigh raises on a NaN (a host synchronisation): solve a zero Gramian instead, then poison.
+    finite = g.isfinite().all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
+    g = torch.where(finite, g, torch.zeros_like(g))
     if pref_vector is None:
         w = torch.ones(m, dtype=torch.float64, device=g.device)
     else:
