@@ -63,6 +63,16 @@ from torchjd_func.aggregation._gradvac import (
     pcgrad,
     pcgrad_weights,
 )
+from torchjd_func.aggregation._kinds import (
+    CrossWeighting,
+    JacobianAggregating,
+    JacobianAggregator,
+    JacobianInitFn,
+    JacobianUpdateFn,
+    JacobianWeighting,
+    cross_gramian,
+    guard_nonfinite_jacobian,
+)
 from torchjd_func.aggregation._mean import Mean, MeanWeighting, mean, mean_weights
 from torchjd_func.aggregation._mgda import MGDA, MGDAWeighting, mgda, mgda_weights
 from torchjd_func.aggregation._random import (
@@ -73,6 +83,7 @@ from torchjd_func.aggregation._random import (
     random_weights,
 )
 from torchjd_func.aggregation._sum import Sum, SumWeighting, sum_, sum_weights
+from torchjd_func.aggregation._trimmed_mean import TrimmedMean, trimmed_mean, trimmed_mean_update
 from torchjd_func.aggregation._upgrad import UPGrad, UPGradWeighting, upgrad, upgrad_weights
 
 __all__ = [
@@ -81,6 +92,7 @@ __all__ = [
     "Aggregator",
     "Constant",
     "ConstantWeighting",
+    "CrossWeighting",
     "DualProj",
     "DualProjWeighting",
     "EmptyState",
@@ -92,6 +104,11 @@ __all__ = [
     "GramianWeighting",
     "GroupAggregation",
     "InitFn",
+    "JacobianAggregating",
+    "JacobianAggregator",
+    "JacobianInitFn",
+    "JacobianUpdateFn",
+    "JacobianWeighting",
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
@@ -103,6 +120,7 @@ __all__ = [
     "RandomWeighting",
     "Sum",
     "SumWeighting",
+    "TrimmedMean",
     "UPGrad",
     "UPGradWeighting",
     "UpdateFn",
@@ -112,11 +130,13 @@ __all__ = [
     "aggregate_groups",
     "constant",
     "constant_weights",
+    "cross_gramian",
     "dualproj",
     "dualproj_weights",
     "gradvac",
     "gradvac_weights",
     "guard_nonfinite",
+    "guard_nonfinite_jacobian",
     "init_group_states",
     "mean",
     "mean_weights",
@@ -129,6 +149,8 @@ __all__ = [
     "stateless",
     "sum_",
     "sum_weights",
+    "trimmed_mean",
+    "trimmed_mean_update",
     "upgrad",
     "upgrad_weights",
 ]
