@@ -376,3 +376,19 @@ def test_cross_gramian_bad_input() -> None:
         cross_gramian(_jac(m=3), _jac(m=3).exclude("a"))
     with pytest.raises(TypeError, match="TensorDict"):
         cross_gramian(torch.ones(2, 2), _jac(m=2))  # type: ignore[arg-type]
+
+
+def test_jac_to_grad_with_a_jacobian_aggregator_class() -> None:
+    from torchjd_func.autojac import backward, jac_to_grad
+
+    first = nn.Parameter(torch.randn(4, dtype=torch.float64))
+    second = nn.Parameter(torch.randn(2, 3, dtype=torch.float64))
+    losses = torch.stack([(first * i).sum() + (second**i).sum() for i in range(1, 4)])
+    backward(losses)
+    jacs: list[Tensor] = [getattr(first, "jac"), getattr(second, "jac")]  # noqa: B009
+    matrix = torch.cat([jac.reshape(3, -1) for jac in jacs], dim=1)
+    expected = matrix.median(dim=0).values  # the trimmed mean of three rows
+    jac_to_grad([first, second], TrimmedMean(1))
+    assert first.grad is not None
+    assert second.grad is not None
+    assert_close(torch.cat([first.grad.reshape(-1), second.grad.reshape(-1)]), expected)
