@@ -307,4 +307,4 @@ def test_aggregate_groups_with_one_weighting_per_group_and_errors() -> None:
     with pytest.raises(ValueError, match="init_group_states"):
         aggregate_groups(jac, groups, weightings, {"0": states["0"]})
     with pytest.raises(TypeError, match="PureWeighting"):
-        aggregate(jac, UPGradWeighting(), None)  # type: ignore[type-var, arg-type]
+        aggregate(jac, UPGradWeighting(), None)  # type: ignore[call-overload]

@@ -49,9 +49,11 @@ from torchjd_func._jacobian import (
     value_and_per_sample_jacobian,
 )
 from torchjd_func._probes import check_model, value_and_mtl_gramian, value_and_per_sample_gramian
+from torchjd_func._tree import leaves
 from torchjd_func._types import FeaturesFn, LossFn
-from torchjd_func.aggregation import PureWeighting
+from torchjd_func.aggregation import CrossWeighting, JacobianAggregator, PureWeighting
 from torchjd_func.aggregation._base import S
+from torchjd_func.aggregation._kinds import describe_kind
 from torchjd_func.optim import Optimizer, OptState
 
 __all__ = [
@@ -76,7 +78,8 @@ class StepOutput(NamedTuple, Generic[OptState, S]):
     agg_state: S
     """The weighting's new state (the given one if the step was skipped)."""
     metrics: dict[str, Tensor]
-    """``"losses"`` (before the update), ``"weights"`` (the aggregation weights) and
+    """``"losses"`` (before the update), ``"weights"`` (the aggregation weights; absent for a
+    :class:`~torchjd_func.aggregation.JacobianAggregator` that gives none, e.g. GradDrop) and
     ``"decrease"``: ``J d``, the first-order decrease of each loss per unit learning rate along
     the aggregated direction ``d`` (for UPGrad non-negative up to its regularisation,
     ``≥ −reg_eps·tr(G)·w``; for MTL, through the shared parameters only), all in the losses'
@@ -95,9 +98,9 @@ class _Parts(NamedTuple):
     """What the builder-specific part of a step computes, before the optimizer."""
 
     losses: Tensor
-    gramian: Tensor
-    """The weighting's input, ``[M, M]``."""
-    weights: Tensor
+    gramian: Any
+    """The weighting's input: the Gramian ``[M, M]``, or the Jacobian's leaves."""
+    weights: Tensor | None
     agg_state: Any
     grads: TensorDictBase
     """What the optimizer gets, params-shaped."""
@@ -109,19 +112,36 @@ _Core = Callable[[TensorDictBase, Any, Sequence[Any]], _Parts]
 
 
 def _check(
-    weighting: PureWeighting[Any],
+    weighting: object,
     optimizer: Optimizer[Any],
     skip_nonfinite: bool,
     *,
     functions: Mapping[str, object],
     modules: Mapping[str, object],
+    step: str,
+    jacobian_fallback: str | None = None,
 ) -> None:
     """Checks, when the step is built, what does not depend on the step's inputs: an error
-    raised inside a compiled step reaches the caller as ``torch._dynamo.exc.Unsupported``."""
-    if not isinstance(weighting, PureWeighting):
+    raised inside a compiled step reaches the caller as ``torch._dynamo.exc.Unsupported``.
+
+    ``jacobian_fallback``: for a step that never builds the Jacobian, the step to use instead
+    with a :class:`JacobianAggregator` (``None``: the step takes one)."""
+    if isinstance(weighting, JacobianAggregator) and jacobian_fallback is not None:
         raise TypeError(
-            f"`weighting` must be a PureWeighting (e.g. `upgrad()`), got {type(weighting).__name__}."
+            f"`{step}` computes the Gramian without ever building the Jacobian, but `weighting` "
+            f"is {describe_kind(weighting)}: use `{jacobian_fallback}` for it."
         )
+    if isinstance(weighting, CrossWeighting):
+        raise TypeError(
+            f"`weighting` is {describe_kind(weighting)}, which `{step}` cannot build from one "
+            "batch: compute the Jacobians of two batches, weight `cross_gramian(jac_1, jac_2)` "
+            "with `weighting.update`, and apply the weights with `combine(jac, weights)`."
+        )
+    if not isinstance(weighting, PureWeighting | JacobianAggregator):
+        kinds = "a PureWeighting (e.g. `upgrad()`)"
+        if jacobian_fallback is None:
+            kinds += " or a JacobianAggregator (e.g. `trimmed_mean(1)`)"
+        raise TypeError(f"`weighting` must be {kinds}, got {type(weighting).__name__}.")
     if not isinstance(optimizer, Optimizer):
         raise TypeError(
             f"`optimizer` must be a functional Optimizer (e.g. `sgd(0.1)`), got "
@@ -165,10 +185,16 @@ def _check_heads_fn(heads_fn: object) -> None:
 
 
 def _weigh(
-    jacobian: TensorDictBase, weighting: PureWeighting[S], agg_state: S
-) -> tuple[Tensor, Tensor, S, TensorDict, Tensor]:
+    jacobian: TensorDictBase, weighting: PureWeighting[S] | JacobianAggregator[S], agg_state: S
+) -> tuple[Any, Tensor | None, S, TensorDict, Tensor]:
     """``(G, weights, state, Jᵀw, J Jᵀw)`` for a Jacobian of losses of any shape (the steps check
-    ``G``, the weighting's input, as well as its output)."""
+    ``G``, the weighting's input, as well as its output). A :class:`JacobianAggregator` gets the
+    Jacobian with its losses flattened, and its input (first) is the Jacobian's leaves."""
+    if isinstance(weighting, JacobianAggregator):
+        update, flat, new_state = weighting.update(jacobian.reshape(-1), agg_state)
+        weights = None if flat is None else reshape_weights(flat, jacobian.batch_size)
+        inputs = list(leaves(jacobian).values())
+        return inputs, weights, new_state, update, inner_products(jacobian, update)
     square = flatten_gramian(gramian(jacobian))
     flat_weights, new_state = weighting.update(square, agg_state)
     weights = reshape_weights(flat_weights, jacobian.batch_size)
@@ -203,7 +229,9 @@ def _step_fn(
     ) -> StepOutput[OptState, Any]:
         parts = core(params, agg_state, batch)
         new_params, new_opt_state = optimizer.update(parts.grads, opt_state, params)
-        metrics = {"losses": parts.losses, "weights": parts.weights, "decrease": parts.decrease}
+        metrics = {"losses": parts.losses, "decrease": parts.decrease}
+        if parts.weights is not None:
+            metrics["weights"] = parts.weights
         if not skip_nonfinite:
             skipped = torch.zeros((), dtype=torch.bool, device=parts.losses.device)
             metrics["skipped"] = skipped
@@ -241,7 +269,7 @@ def _step_fn(
 
 def jd_step(
     losses_fn: LossFn,
-    weighting: PureWeighting[S],
+    weighting: PureWeighting[S] | JacobianAggregator[S],
     optimizer: Optimizer[OptState],
     *,
     chunk_size: int | None = None,
@@ -255,7 +283,9 @@ def jd_step(
 
     Args:
         losses_fn: ``losses_fn(params, *batch) -> losses``.
-        weighting: E.g. ``upgrad()``; its state is threaded through ``agg_state``.
+        weighting: E.g. ``upgrad()``, or a
+            :class:`~torchjd_func.aggregation.JacobianAggregator` (e.g. ``trimmed_mean(1)``,
+            initialised with ``init(params, m)``); its state is threaded through ``agg_state``.
         optimizer: E.g. ``sgd(0.1, momentum=0.9)`` or ``adam(1e-3)``.
         chunk_size: Rows of the Jacobian computed at once (see ``value_and_jacobian``).
         skip_nonfinite: If ``True`` (default), a step that meets a non-finite loss, Gramian,
@@ -280,7 +310,14 @@ def jd_step(
         >>> out.metrics["weights"].shape
         torch.Size([2])
     """
-    _check(weighting, optimizer, skip_nonfinite, functions={"losses_fn": losses_fn}, modules={})
+    _check(
+        weighting,
+        optimizer,
+        skip_nonfinite,
+        functions={"losses_fn": losses_fn},
+        modules={},
+        step="jd_step",
+    )
     _check_chunk_size(chunk_size)
 
     def core(params: TensorDictBase, agg_state: Any, batch: Sequence[Any]) -> _Parts:
@@ -293,7 +330,7 @@ def jd_step(
 
 def per_sample_step(
     sample_losses_fn: LossFn,
-    weighting: PureWeighting[S],
+    weighting: PureWeighting[S] | JacobianAggregator[S],
     optimizer: Optimizer[OptState],
     *,
     in_dims: int | Sequence[int | None] = 0,
@@ -327,6 +364,7 @@ def per_sample_step(
         skip_nonfinite,
         functions={"sample_losses_fn": sample_losses_fn},
         modules={},
+        step="per_sample_step",
     )
     _check_in_dims(in_dims)
     _check_chunk_size(chunk_size)
@@ -344,7 +382,7 @@ def per_sample_step(
 def mtl_step(
     trunk_fn: FeaturesFn,
     heads_fn: LossFn | Sequence[LossFn] | Mapping[str, LossFn],
-    weighting: PureWeighting[S],
+    weighting: PureWeighting[S] | JacobianAggregator[S],
     optimizer: Optimizer[OptState],
     *,
     chunk_size: int | None = None,
@@ -372,7 +410,14 @@ def mtl_step(
     Returns:
         ``step(params, opt_state, agg_state, (trunk_args, head_args)) -> StepOutput``.
     """
-    _check(weighting, optimizer, skip_nonfinite, functions={"trunk_fn": trunk_fn}, modules={})
+    _check(
+        weighting,
+        optimizer,
+        skip_nonfinite,
+        functions={"trunk_fn": trunk_fn},
+        modules={},
+        step="mtl_step",
+    )
     _check_heads_fn(heads_fn)
     _check_chunk_size(chunk_size)
 
@@ -495,7 +540,15 @@ def mtl_gramian_step(
         >>> out.metrics["weights"].shape
         torch.Size([2])
     """
-    _check(weighting, optimizer, skip_nonfinite, functions={}, modules={"trunk": trunk})
+    _check(
+        weighting,
+        optimizer,
+        skip_nonfinite,
+        functions={},
+        modules={"trunk": trunk},
+        step="mtl_gramian_step",
+        jacobian_fallback="mtl_step",
+    )
     _check_heads_fn(heads_fn)
     check_model(trunk, per_sample=False, step="mtl_gramian_step", fallback="mtl_step")
 
@@ -596,6 +649,8 @@ def gramian_step(
         skip_nonfinite,
         functions={"losses_fn": losses_fn},
         modules={"model": model},
+        step="gramian_step",
+        jacobian_fallback="per_sample_step",
     )
     check_model(model, per_sample=True, step="gramian_step", fallback="per_sample_step")
 

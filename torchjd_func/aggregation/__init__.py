@@ -66,6 +66,16 @@ from torchjd_func.aggregation._gradvac import (
     pcgrad,
     pcgrad_weights,
 )
+from torchjd_func.aggregation._kinds import (
+    CrossWeighting,
+    JacobianAggregating,
+    JacobianAggregator,
+    JacobianInitFn,
+    JacobianUpdateFn,
+    JacobianWeighting,
+    cross_gramian,
+    guard_nonfinite_jacobian,
+)
 from torchjd_func.aggregation._mean import Mean, MeanWeighting, mean, mean_weights
 from torchjd_func.aggregation._mgda import MGDA, MGDAWeighting, mgda, mgda_weights
 from torchjd_func.aggregation._modo import MoDoState, modo, modo_weights
@@ -78,6 +88,7 @@ from torchjd_func.aggregation._random import (
 )
 from torchjd_func.aggregation._sdmgrad import SDMGradState, sdmgrad, sdmgrad_weights
 from torchjd_func.aggregation._sum import Sum, SumWeighting, sum_, sum_weights
+from torchjd_func.aggregation._trimmed_mean import TrimmedMean, trimmed_mean, trimmed_mean_update
 from torchjd_func.aggregation._upgrad import UPGrad, UPGradWeighting, upgrad, upgrad_weights
 
 __all__ = [
@@ -86,6 +97,7 @@ __all__ = [
     "Aggregator",
     "Constant",
     "ConstantWeighting",
+    "CrossWeighting",
     "DualProj",
     "DualProjWeighting",
     "EmptyState",
@@ -98,6 +110,11 @@ __all__ = [
     "GramianWeighting",
     "GroupAggregation",
     "InitFn",
+    "JacobianAggregating",
+    "JacobianAggregator",
+    "JacobianInitFn",
+    "JacobianUpdateFn",
+    "JacobianWeighting",
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
@@ -111,6 +128,7 @@ __all__ = [
     "SDMGradState",
     "Sum",
     "SumWeighting",
+    "TrimmedMean",
     "UPGrad",
     "UPGradWeighting",
     "UpdateFn",
@@ -122,6 +140,7 @@ __all__ = [
     "config_weights",
     "constant",
     "constant_weights",
+    "cross_gramian",
     "dualproj",
     "dualproj_weights",
     "excess_mtl",
@@ -131,6 +150,7 @@ __all__ = [
     "gradvac",
     "gradvac_weights",
     "guard_nonfinite",
+    "guard_nonfinite_jacobian",
     "init_group_states",
     "mean",
     "mean_weights",
@@ -147,6 +167,8 @@ __all__ = [
     "stateless",
     "sum_",
     "sum_weights",
+    "trimmed_mean",
+    "trimmed_mean_update",
     "upgrad",
     "upgrad_weights",
 ]

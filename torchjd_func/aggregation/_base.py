@@ -294,7 +294,8 @@ class _Composition(Weighting):
 
 
 class Hyperparameter(Generic[_T]):
-    """A constructor argument of a :class:`GramianWeighting`, as a validated, settable property.
+    """A constructor argument of a :class:`GramianWeighting` (or of another class wrapping a pure
+    pair, such as :class:`~torchjd_func.aggregation.JacobianAggregating`), as a validated, settable property.
 
     Setting it rebuilds the wrapped :class:`PureWeighting` from all the arguments (so the value is
     checked exactly as the constructor checks it, and a bad one raises and changes nothing); it
@@ -319,11 +320,11 @@ class Hyperparameter(Generic[_T]):
     def __get__(self, obj: object, owner: type | None = None) -> Any:
         if obj is None:
             return self
-        assert isinstance(obj, GramianWeighting)
+        assert isinstance(obj, _PureHolder)
         return obj._hyperparameters[self.name]
 
     def __set__(self, obj: object, value: _T) -> None:
-        assert isinstance(obj, GramianWeighting)
+        assert isinstance(obj, _PureHolder)
         if not self.settable:
             raise AttributeError(
                 f"`{self.name}` of {type(obj).__name__} is fixed at construction (it seeds the "
@@ -360,7 +361,164 @@ class Delegated(Generic[_T]):
         setattr(obj.gramian_weighting, self.name, value)
 
 
-class GramianWeighting(Weighting):
+class _PureHolder(nn.Module):
+    """What the class front door's wrappers of a pure pair ``(init, update)`` share: the pair
+    built from validated :class:`Hyperparameter` arguments (or given), and its state held
+    explicitly, created on the first call, re-created when the input's signature changes, checked
+    when assigned, saved in ``state_dict()``, moved by ``.to(...)`` and pickled.
+
+    Subclasses define ``_build`` (the pair of some arguments), ``_fresh`` (the initial state for
+    an input signature) and ``_template`` (the state's type).
+    """
+
+    _kind_name: ClassVar[str] = "PureWeighting"
+    """What ``pure`` must be, in error messages."""
+    _pure_types: ClassVar[tuple[type, ...]] = ()
+    """The accepted types of ``pure`` (set below the classes of the kinds)."""
+
+    def _init_holder(self, pure: Any, hyperparameters: dict[str, Any]) -> None:
+        if pure is None:
+            pure = self._build(**hyperparameters)
+        elif not isinstance(pure, self._pure_types):
+            raise TypeError(
+                f"{type(self).__name__} wraps a {self._kind_name}, got {type(pure).__name__}."
+            )
+        elif hyperparameters:
+            raise TypeError(f"Pass either a {self._kind_name} or hyperparameters, not both.")
+        self._hyperparameters = hyperparameters
+        self.pure = pure
+        self.state = None
+
+    def _build(self, **hyperparameters: Any) -> Any:
+        """The pure pair of these arguments; raises for bad ones."""
+        raise TypeError(
+            f"{type(self).__name__} needs a {self._kind_name}: pass one to the constructor."
+        )
+
+    def _fresh(self, signature: tuple[Any, ...]) -> Any:
+        """The initial state for an input of this signature."""
+        raise NotImplementedError
+
+    def _template(self) -> type:
+        """The type of the state (a NamedTuple)."""
+        raise NotImplementedError
+
+    def _set_hyperparameters(self, **changes: Any) -> None:
+        hyperparameters = {**self._hyperparameters, **changes}
+        self.pure = self._build(**hyperparameters)
+        self._hyperparameters = hyperparameters
+
+    # ``Any``: the class front door (TorchJD's dynamic API) holds any weighting's state; the
+    # functional ``PureWeighting[S]`` is the typed route.
+    @property
+    def state(self) -> Any:
+        """The state of the wrapped pure pair (``None`` before the first call)."""
+        return self._state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._state = value
+        # ``None``: an assigned state, checked against the next input instead of replaced.
+        self._signature: tuple[Any, ...] | None = None
+
+    def _state_for(self, signature: tuple[Any, ...], describe: str) -> Any:
+        """The state to update for an input of this signature (fresh, kept or assigned)."""
+        state = self._state
+        if state is None or (self._signature is not None and signature != self._signature):
+            return self._fresh(signature)
+        if self._signature is None:
+            self._check_assigned(state, signature, describe)
+        return state
+
+    def _store(self, state: Any, signature: tuple[Any, ...]) -> None:
+        self.state = state
+        self._signature = signature
+
+    def _check_assigned(self, state: Any, signature: tuple[Any, ...], describe: str) -> None:
+        """Checks an assigned state against the one ``init`` makes for the input's signature."""
+        expected = self._fresh(signature)
+        problem = f"a {type(state).__name__}, expected a {type(expected).__name__}"
+        if type(state) is type(expected):
+            problem = ""
+            for field, have, want in zip(expected._fields, state, expected, strict=True):
+                if not isinstance(have, Tensor) or (
+                    (have.shape, have.dtype, have.device) != (want.shape, want.dtype, want.device)
+                ):
+                    got = _describe(have) if isinstance(have, Tensor) else type(have).__name__
+                    problem = f"`{field}` is {got}, expected {_describe(want)}"
+                    break
+        if problem:
+            raise ValueError(
+                f"The state assigned to {type(self).__name__} (or loaded, or moved with "
+                f"`.to(...)`) does not fit {describe}: {problem}. Assign a state saved from a "
+                "run with the same number of losses, dtype and device (move the object with "
+                "`.to(...)`), or call `reset()` to start afresh."
+            )
+
+    def reset(self) -> None:
+        """Forgets the state: the next call behaves like the first one."""
+        self.state = None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The state for ``state_dict()``: ``{"state": None}`` or ``{"state": {field: tensor}}``."""
+        state = self._state
+        if state is None or not hasattr(state, "_asdict"):
+            return {"state": state}
+        return {"state": dict(state._asdict())}
+
+    def set_extra_state(self, extra: Any) -> None:
+        """Restores a state from ``load_state_dict()``; it is checked at the next call."""
+        if not isinstance(extra, dict) or "state" not in extra:
+            raise ValueError(
+                f"Expected the extra state saved by {type(self).__name__}.state_dict(), got "
+                f"{type(extra).__name__}."
+            )
+        fields = extra["state"]
+        if not isinstance(fields, dict):
+            self.state = fields
+            return
+        template = self._template()
+        try:
+            self.state = template(**fields)
+        except TypeError as error:
+            raise ValueError(
+                f"The saved state has fields {sorted(fields)}, but {type(self).__name__} keeps a "
+                f"{template.__name__}: load a state_dict saved from the same class."
+            ) from error
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "_PureHolder":
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        if any(isinstance(value, Tensor) for value in self._hyperparameters.values()):
+            self._set_hyperparameters(
+                **{
+                    name: fn(value)
+                    for name, value in self._hyperparameters.items()
+                    if isinstance(value, Tensor)
+                }
+            )
+        state = self._state
+        if state is not None and isinstance(state, tuple):
+            moved = [fn(value) if isinstance(value, Tensor) else value for value in state]
+            self.state = type(state)(*moved)
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        attributes = dict(super().__getstate__())  # type: ignore[no-untyped-call]
+        if type(self)._build is not _PureHolder._build:
+            # Rebuilt from the arguments (a user's own functions may not pickle).
+            del attributes["pure"]
+        return attributes
+
+    def __setstate__(self, attributes: dict[str, Any]) -> None:
+        super().__setstate__(attributes)  # type: ignore[no-untyped-call]
+        if "pure" not in attributes:
+            self.pure = self._build(**self._hyperparameters)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in self._hyperparameters.items())
+
+
+class GramianWeighting(_PureHolder, Weighting):
     """A weighting of Gramians ``[m, m] -> [m]`` that wraps a :class:`PureWeighting` and holds its
     state.
 
@@ -397,32 +555,19 @@ class GramianWeighting(Weighting):
         True
     """
 
+    _kind_name: ClassVar[str] = "PureWeighting (e.g. `upgrad()`)"
+    pure: PureWeighting[Any]
+
     def __init__(self, pure: PureWeighting[Any] | None = None, /, **hyperparameters: Any) -> None:
         super().__init__()
-        if pure is None:
-            pure = self._build(**hyperparameters)
-        elif not isinstance(pure, PureWeighting):
-            raise TypeError(
-                f"GramianWeighting wraps a PureWeighting (e.g. `upgrad()`), got "
-                f"{type(pure).__name__}."
-            )
-        elif hyperparameters:
-            raise TypeError("Pass either a PureWeighting or hyperparameters, not both.")
-        self._hyperparameters = hyperparameters
-        self.pure = pure
-        self.state = None
+        self._init_holder(pure, hyperparameters)
 
-    def _build(self, **hyperparameters: Any) -> PureWeighting[Any]:
-        """The :class:`PureWeighting` of these arguments; raises for bad ones."""
-        raise TypeError(
-            f"{type(self).__name__} needs a PureWeighting: `GramianWeighting(pure)`, e.g. "
-            "`GramianWeighting(upgrad())`."
-        )
+    def _fresh(self, signature: tuple[Any, ...]) -> Any:
+        m, dtype, device = signature
+        return self.pure.init(m, dtype=dtype, device=device)
 
-    def _set_hyperparameters(self, **changes: Any) -> None:
-        hyperparameters = {**self._hyperparameters, **changes}
-        self.pure = self._build(**hyperparameters)
-        self._hyperparameters = hyperparameters
+    def _template(self) -> type:
+        return type(self.pure.init(1))
 
     def _weights_for_no_loss(self, gramian: Tensor) -> Tensor:
         """The weights ``[0]`` of a ``[0, 0]`` Gramian (TorchJD's behaviour differs by method)."""
@@ -430,19 +575,6 @@ class GramianWeighting(Weighting):
             f"{type(self).__name__} got a Gramian for 0 losses: its weights are not defined "
             "without a loss (TorchJD raises too). Aggregate at least one loss."
         )
-
-    # ``Any``: the class front door (TorchJD's dynamic API) holds any weighting's state; the
-    # functional ``PureWeighting[S]`` is the typed route.
-    @property
-    def state(self) -> Any:
-        """The state of the wrapped :class:`PureWeighting` (``None`` before the first call)."""
-        return self._state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self._state = value
-        # ``None``: an assigned state, checked against the next Gramian instead of replaced.
-        self._signature: tuple[int, torch.dtype, torch.device] | None = None
 
     def forward(self, gramian: Tensor, /) -> Tensor:
         if isinstance(gramian, Tensor) and gramian.is_floating_point() and gramian.shape == (0, 0):
@@ -454,98 +586,11 @@ class GramianWeighting(Weighting):
                 " Use the pure `update` function to weight a batch of Gramians."
             )
         signature = (gramian.shape[0], gramian.dtype, gramian.device)
-        state = self._state
-        if state is None or (self._signature is not None and signature != self._signature):
-            state = self.pure.init(signature[0], dtype=signature[1], device=signature[2])
-        elif self._signature is None:
-            self._check_assigned(state, signature)
-        weights, self.state = self.pure.update(gramian, state)
-        self._signature = signature
+        describe = f"a Gramian for {signature[0]} losses in {signature[1]} on {signature[2]}"
+        state = self._state_for(signature, describe)
+        weights, new_state = self.pure.update(gramian, state)
+        self._store(new_state, signature)
         return weights
-
-    def _check_assigned(self, state: Any, signature: tuple[int, torch.dtype, torch.device]) -> None:
-        """Checks an assigned state against the one ``init`` makes for the Gramian's signature."""
-        expected = self.pure.init(signature[0], dtype=signature[1], device=signature[2])
-        problem = f"a {type(state).__name__}, expected a {type(expected).__name__}"
-        if type(state) is type(expected):
-            problem = ""
-            for field, have, want in zip(expected._fields, state, expected, strict=True):
-                if not isinstance(have, Tensor) or (
-                    (have.shape, have.dtype, have.device) != (want.shape, want.dtype, want.device)
-                ):
-                    got = _describe(have) if isinstance(have, Tensor) else type(have).__name__
-                    problem = f"`{field}` is {got}, expected {_describe(want)}"
-                    break
-        if problem:
-            raise ValueError(
-                f"The state assigned to {type(self).__name__} (or loaded, or moved with "
-                f"`.to(...)`) does not fit a Gramian for {signature[0]} losses in {signature[1]} "
-                f"on {signature[2]}: {problem}. Assign a state saved from a run with the same "
-                "number of losses, dtype and device (move the object with `.to(...)`), or call "
-                "`reset()` to start afresh."
-            )
-
-    def reset(self) -> None:
-        """Forgets the state: the next call behaves like the first one."""
-        self.state = None
-
-    def get_extra_state(self) -> dict[str, Any]:
-        """The state for ``state_dict()``: ``{"state": None}`` or ``{"state": {field: tensor}}``."""
-        state = self._state
-        if state is None or not hasattr(state, "_asdict"):
-            return {"state": state}
-        return {"state": dict(state._asdict())}
-
-    def set_extra_state(self, extra: Any) -> None:
-        """Restores a state from ``load_state_dict()``; it is checked at the next call."""
-        if not isinstance(extra, dict) or "state" not in extra:
-            raise ValueError(
-                f"Expected the extra state saved by {type(self).__name__}.state_dict(), got "
-                f"{type(extra).__name__}."
-            )
-        fields = extra["state"]
-        if not isinstance(fields, dict):
-            self.state = fields
-            return
-        template = type(self.pure.init(1))
-        try:
-            self.state = template(**fields)
-        except TypeError as error:
-            raise ValueError(
-                f"The saved state has fields {sorted(fields)}, but {type(self).__name__} keeps a "
-                f"{template.__name__}: load a state_dict saved from the same class."
-            ) from error
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "GramianWeighting":
-        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
-        if any(isinstance(value, Tensor) for value in self._hyperparameters.values()):
-            self._set_hyperparameters(
-                **{
-                    name: fn(value)
-                    for name, value in self._hyperparameters.items()
-                    if isinstance(value, Tensor)
-                }
-            )
-        state = self._state
-        if state is not None and isinstance(state, tuple):
-            moved = [fn(value) if isinstance(value, Tensor) else value for value in state]
-            self.state = type(state)(*moved)
-        return self
-
-    def __getstate__(self) -> dict[str, Any]:
-        attributes = dict(super().__getstate__())  # type: ignore[no-untyped-call]
-        if type(self)._build is not GramianWeighting._build:
-            # The wrapped PureWeighting is made of closures: rebuilt from the arguments.
-            del attributes["pure"]
-        return attributes
-
-    def __setstate__(self, attributes: dict[str, Any]) -> None:
-        super().__setstate__(attributes)  # type: ignore[no-untyped-call]
-        if "pure" not in attributes:
-            self.pure = self._build(**self._hyperparameters)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{name}={value!r}" for name, value in self._hyperparameters.items())
 
 
 class Aggregator(nn.Module, ABC):
@@ -663,3 +708,6 @@ class GramianWeightedAggregator(WeightedAggregator):
         if type(self) is GramianWeightedAggregator:
             return f"GramianWeightedAggregator({self.gramian_weighting!r})"
         return f"{type(self).__name__}({self.gramian_weighting.extra_repr()})"
+
+
+GramianWeighting._pure_types = (PureWeighting,)

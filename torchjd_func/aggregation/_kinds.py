@@ -15,7 +15,7 @@ weightings, each a pair of pure functions ``(init, update)`` with explicit state
 A wrapper of a weighting (CR-MOGM) is a function of a ``PureWeighting`` returning one.
 """
 
-from typing import Generic, NamedTuple, Protocol, cast
+from typing import Any, ClassVar, Generic, NamedTuple, Protocol, cast
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -23,13 +23,23 @@ from torch import Tensor
 
 from torchjd_func._gramian import flatten_gramian
 from torchjd_func._tree import leaves
-from torchjd_func.aggregation._base import InitFn, S, UpdateFn, _S_co
+from torchjd_func.aggregation._base import (
+    Aggregator,
+    InitFn,
+    S,
+    UpdateFn,
+    Weighting,
+    _PureHolder,
+    _S_co,
+)
 
 __all__ = [
     "CrossWeighting",
+    "JacobianAggregating",
     "JacobianAggregator",
     "JacobianInitFn",
     "JacobianUpdateFn",
+    "JacobianWeighting",
     "check_jacobian",
     "cross_gramian",
     "describe_kind",
@@ -71,7 +81,7 @@ class JacobianAggregator(NamedTuple, Generic[S]):
         >>> J = TensorDict({"w": torch.tensor([[1.0, 5.0], [2.0, -9.0], [30.0, 0.0]])}, [3])
         >>> isinstance(aggregator, JacobianAggregator)
         True
-        >>> update, weights, state = aggregator.update(J, aggregator.init(J, 3))
+        >>> update, weights, state = aggregator.update(J, aggregator.init(J[0], 3))
         >>> update["w"], weights
         (tensor([2., 0.]), None)
     """
@@ -255,3 +265,106 @@ def describe_kind(obj: object) -> str:
         if isinstance(obj, kind):
             return text
     return f"a {type(obj).__name__}"
+
+
+# --- The class front door of the Jacobian aggregators. ------------------------------------------
+
+
+def _matrix_params(n: int, dtype: torch.dtype, device: torch.device) -> TensorDict:
+    """The params whose Jacobian is a matrix ``[m, n]``: one leaf ``"matrix"`` of shape ``[n]``."""
+    return TensorDict({"matrix": torch.zeros(n, dtype=dtype, device=device)}, batch_size=[])
+
+
+class _JacobianHolder(_PureHolder):
+    """What the classes wrapping a :class:`JacobianAggregator` share."""
+
+    _kind_name: ClassVar[str] = "JacobianAggregator (e.g. `trimmed_mean(1)`)"
+    pure: JacobianAggregator[Any]
+
+    def _fresh(self, signature: tuple[Any, ...]) -> Any:
+        m, n, dtype, device = signature
+        return self.pure.init(_matrix_params(n, dtype, device), m)
+
+    def _template(self) -> type:
+        return type(self.pure.init(_matrix_params(1, torch.float32, torch.device("cpu")), 1))
+
+    def _run(self, matrix: Tensor) -> tuple[TensorDict, Tensor | None]:
+        if not matrix.is_floating_point():
+            raise TypeError(f"Expected a floating-point matrix, got dtype {matrix.dtype}.")
+        m, n = matrix.shape
+        signature = (m, n, matrix.dtype, matrix.device)
+        state = self._state_for(
+            signature, f"a matrix [{m}, {n}] in {matrix.dtype} on {matrix.device}"
+        )
+        jacobian = TensorDict({"matrix": matrix}, batch_size=[m])
+        update, weights, new_state = self.pure.update(jacobian, state)
+        self._store(new_state, signature)
+        return update, weights
+
+
+class JacobianAggregating(_JacobianHolder, Aggregator):
+    """An aggregator of matrices ``[m, n] -> [n]`` that wraps a :class:`JacobianAggregator` and
+    holds its state (as :class:`~torchjd_func.aggregation.GramianWeighting` does for a
+    ``PureWeighting``: created on the first call, re-created when ``m``, ``n``, the dtype or the
+    device change, checked when assigned, in ``state_dict()``, moved by ``.to(...)``).
+
+    ``JacobianAggregating(pure)`` wraps any :class:`JacobianAggregator`; the built-in ones
+    (``TrimmedMean``, ``GradDrop``, ...) are subclasses built from their constructor arguments,
+    which are validated, settable properties.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import JacobianAggregating, trimmed_mean
+        >>> aggregator = JacobianAggregating(trimmed_mean(trim_number=1))
+        >>> aggregator(torch.tensor([[1.0, 5.0], [2.0, -9.0], [30.0, 0.0]]))
+        tensor([2., 0.])
+    """
+
+    def __init__(
+        self, pure: JacobianAggregator[Any] | None = None, /, **hyperparameters: Any
+    ) -> None:
+        super().__init__()
+        self._init_holder(pure, hyperparameters)
+
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        update, _ = self._run(matrix)
+        vector: Tensor = update["matrix"]
+        return vector
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class JacobianWeighting(_JacobianHolder, Weighting):
+    """A weighting of matrices ``[m, n] -> [m]`` that wraps a :class:`JacobianAggregator` giving
+    weights (e.g. ExcessMTL's), and holds its state as :class:`JacobianAggregating` does.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import JacobianWeighting, WeightedAggregator, excess_mtl
+        >>> weighting = JacobianWeighting(excess_mtl())
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> weighting(J)
+        tensor([0.1192, 0.8808])
+    """
+
+    def __init__(
+        self, pure: JacobianAggregator[Any] | None = None, /, **hyperparameters: Any
+    ) -> None:
+        super().__init__()
+        self._init_holder(pure, hyperparameters)
+
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        if not isinstance(matrix, Tensor) or matrix.ndim != 2:
+            got = list(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
+            raise ValueError(f"{type(self).__name__} takes a matrix J [m, n], got {got}.")
+        _, weights = self._run(matrix)
+        if weights is None:
+            raise TypeError(
+                f"{type(self).__name__} wraps a JacobianAggregator that gives no weights: use "
+                "`JacobianAggregating` for it instead."
+            )
+        return weights
+
+
+_JacobianHolder._pure_types = (JacobianAggregator,)
