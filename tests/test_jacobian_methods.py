@@ -19,25 +19,36 @@ from torch._dynamo.testing import CompileCounter
 from torch.utils._pytree import tree_flatten
 
 from torchjd_func import combine
-from torchjd_func._prng import split, uniform
+from torchjd_func._prng import key_from_seed, split, uniform
 from torchjd_func.aggregation import (
+    ConFIG,
+    CrossGramianWeighting,
+    CrossWeighting,
+    ExcessMTL,
     ExcessMTLState,
+    ExcessMTLWeighting,
+    GradDrop,
+    GramianWeightedAggregator,
+    JacobianAggregator,
     MoDoState,
+    MoDoWeighting,
     RandomState,
     SDMGradState,
+    SDMGradWeighting,
     config,
     config_weights,
+    cross_gramian,
     excess_mtl,
     excess_mtl_weights,
     graddrop,
-    graddrop_aggregate,
+    graddrop_update,
+    mean,
     modo,
     modo_weights,
     sdmgrad,
     sdmgrad_weights,
     stateless,
 )
-from torchjd_func.aggregation._kinds import CrossWeighting, JacobianAggregator, cross_gramian
 from torchjd_func.aggregation._simplex import project_onto_simplex
 
 torchjd_aggregation = pytest.importorskip("torchjd.aggregation")
@@ -132,7 +143,7 @@ def test_graddrop_matches_torchjd_given_the_same_uniforms(
     kwargs: dict[str, Any] = {} if f is None else {"f": f}
     with mock.patch("torch.rand", return_value=noise):
         expected = torchjd_aggregation.GradDrop(leak=leak, **kwargs)(matrix)
-    actual = graddrop_aggregate(_as_jacobian(matrix), key, leak=leak, **kwargs)
+    actual = graddrop_update(_as_jacobian(matrix), key, leak=leak, **kwargs)
     _close(_flat(actual), expected, 1e-12)
 
 
@@ -144,7 +155,7 @@ def test_graddrop_factory_uses_the_split_key() -> None:
     kept, used = split(state.key)
     assert weights is None
     assert torch.equal(new_state.key, kept)
-    expected = graddrop_aggregate(_as_jacobian(matrix), used)
+    expected = graddrop_update(_as_jacobian(matrix), used)
     assert torch.equal(_flat(update), _flat(expected))
 
 
@@ -176,7 +187,7 @@ def test_graddrop_on_j_base() -> None:
     update, _, _ = aggregator.update(jacobian, aggregator.init(jacobian[0], 2))
     torch.testing.assert_close(_flat(update), torch.tensor([6.0, 2.0, 2.0]))
     drawn = torch.stack(
-        [_flat(graddrop_aggregate(jacobian, torch.tensor(seed)))[0] for seed in range(200)]
+        [_flat(graddrop_update(jacobian, torch.tensor(seed)))[0] for seed in range(200)]
     )
     assert set(drawn.tolist()) == {-4.0, 6.0}
     assert 0.45 < float((drawn == 6.0).double().mean()) < 0.75
@@ -186,7 +197,7 @@ def test_graddrop_zero_columns_give_zero_and_leaves_keep_their_dtype() -> None:
     jacobian = TensorDict(
         {"a": torch.zeros(3, 2, dtype=torch.float16), "b": torch.randn(3, 4, dtype=F64)}, [3]
     )
-    update = graddrop_aggregate(jacobian, torch.tensor(0))
+    update = graddrop_update(jacobian, torch.tensor(0))
     assert update["a"].dtype == torch.float16
     assert update["b"].dtype == F64
     assert torch.equal(update["a"], torch.zeros(2, dtype=torch.float16))
@@ -195,9 +206,9 @@ def test_graddrop_zero_columns_give_zero_and_leaves_keep_their_dtype() -> None:
 def test_graddrop_bad_arguments() -> None:
     jacobian = _as_jacobian(J_BASE)
     with pytest.raises(ValueError, match="one leak per row"):
-        graddrop_aggregate(jacobian, torch.tensor(0), leak=torch.zeros(3))
+        graddrop_update(jacobian, torch.tensor(0), leak=torch.zeros(3))
     with pytest.raises(ValueError, match="keep the shape of P"):
-        graddrop_aggregate(jacobian, torch.tensor(0), f=lambda p: p.sum())
+        graddrop_update(jacobian, torch.tensor(0), f=lambda p: p.sum())
     with pytest.raises(TypeError, match="callable"):
         graddrop(f=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="leak"):
@@ -439,7 +450,7 @@ def test_simplex_projection_matches_torchjd_and_is_optimal() -> None:
 
 def test_cross_weightings_bad_arguments() -> None:
     a = J_BASE @ J_BASE.T
-    for make, pattern in [
+    makers: list[tuple[Callable[[], object], str]] = [
         (lambda: modo(0.0), "gamma"),
         (lambda: modo(rho=-1.0), "rho"),
         (lambda: sdmgrad(lr=0.0), "lr"),
@@ -447,7 +458,8 @@ def test_cross_weightings_bad_arguments() -> None:
         (lambda: sdmgrad(n_iter=0), "n_iter"),
         (lambda: sdmgrad(lambda_=-0.1), "lambda_"),
         (lambda: sdmgrad(pref_vector=torch.ones(2, 2)), "pref_vector"),
-    ]:
+    ]
+    for make, pattern in makers:
         with pytest.raises(ValueError, match=pattern):
             make()
     with pytest.raises(TypeError, match="n_iter"):
@@ -680,7 +692,7 @@ def test_cross_weightings_compile_fullgraph_without_recompiling(entry: CrossEntr
     weighting = entry.make()
     state = weighting.init(4)
     counter = CompileCounter()
-    compiled = torch.compile(weighting.update, fullgraph=True, backend=counter)
+    compiled: Callable[..., Any] = torch.compile(weighting.update, fullgraph=True, backend=counter)
     for seed in range(3):
         a = _cross(seed)
         expected, expected_state = weighting.update(a, state)
@@ -739,3 +751,237 @@ def test_cross_weightings_state_types() -> None:
     assert isinstance(excess_mtl().init(TensorDict({"w": torch.zeros(2)}, []), 3), ExcessMTLState)
     assert isinstance(modo(), CrossWeighting)
     assert isinstance(graddrop(), JacobianAggregator)
+
+
+# --- The class front door ----------------------------------------------------------------------
+
+
+def _torchjd_graddrop_run(matrices: list[Tensor], seed: int, **kwargs: Any) -> list[Tensor]:
+    """TorchJD's GradDrop on each matrix, fed the uniforms our ``GradDrop(seed=seed)`` draws."""
+    key = key_from_seed(seed)
+    reference = torchjd_aggregation.GradDrop(**kwargs)
+    out = []
+    for matrix in matrices:
+        key, used = split(key)
+        noise = uniform(used, (matrix.shape[1],), torch.float32).to(matrix.dtype)
+        with mock.patch("torch.rand", return_value=noise):
+            out.append(reference(matrix))
+    return out
+
+
+def _steps(m: int, n: int, count: int, seed: int) -> list[Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(m, n, generator=generator, dtype=F64) for _ in range(count)]
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_graddrop_class_matches_torchjd_over_several_steps(m: int) -> None:
+    matrices = _steps(m, 6, 5, seed=m)
+    leak = torch.linspace(0.1, 0.6, m, dtype=F64)
+    cases: list[dict[str, Any]] = [{}, {"leak": leak}, {"f": _square, "leak": leak}]
+    for kwargs in cases:
+        ours = GradDrop(seed=7, **kwargs)
+        for actual, expected in zip(
+            [ours(matrix) for matrix in matrices],
+            _torchjd_graddrop_run(matrices, 7, **kwargs),
+            strict=True,
+        ):
+            _close(actual, expected, 1e-12)
+
+
+def test_classes_match_torchjd_over_several_steps() -> None:
+    matrices = _steps(5, 8, 6, seed=0)
+    pairs: list[tuple[Any, Any]] = [
+        (ConFIG(), torchjd_aggregation.ConFIG()),
+        (
+            ConFIG(torch.arange(1.0, 6.0)),
+            torchjd_aggregation.ConFIG(torch.arange(1.0, 6.0, dtype=F64)),
+        ),
+        (ExcessMTL(0.7, 2), torchjd_aggregation.ExcessMTL(0.7, 2)),
+        (ExcessMTLWeighting(), torchjd_aggregation.ExcessMTLWeighting()),
+    ]
+    for ours, theirs in pairs:
+        for matrix in matrices:
+            _close(ours(matrix), theirs(matrix), 1e-10)
+    cross: list[tuple[Any, Any]] = [
+        (MoDoWeighting(0.3, 0.05), torchjd_aggregation.MoDoWeighting(0.3, 0.05)),
+        (SDMGradWeighting(lambda_=0.5), torchjd_aggregation.SDMGradWeighting(lambda_=0.5)),
+    ]
+    for ours, theirs in cross:
+        for a in _cross_pairs(5, 6, seed=3):
+            torch.testing.assert_close(ours(a), theirs(a), rtol=1e-10, atol=1e-12)
+
+
+def test_excess_mtl_class_restarts_when_the_shape_changes_as_torchjd() -> None:
+    ours, theirs = ExcessMTL(), torchjd_aggregation.ExcessMTL()
+    for matrix in [*_steps(3, 4, 2, 0), *_steps(3, 5, 2, 1), *_steps(2, 5, 2, 2)]:
+        _close(ours(matrix), theirs(matrix), 1e-12)
+
+
+def test_classes_published_values() -> None:
+    gramian = J_BASE @ J_BASE.T
+    torch.testing.assert_close(ConFIG()(J_BASE), torch.tensor([0.158809, 2.070607, 2.070607]))
+    torch.testing.assert_close(GradDrop(seed=0)(J_BASE), torch.tensor([6.0, 2.0, 2.0]))
+    aggregator, weighting = ExcessMTL(), ExcessMTLWeighting()
+    modo_, sdmgrad_ = MoDoWeighting(), SDMGradWeighting()
+    for call in range(2):
+        torch.testing.assert_close(aggregator(J_BASE), torch.tensor([4.807971, 1.0, 1.0]))
+        torch.testing.assert_close(weighting(J_BASE), torch.tensor([0.119203, 0.880797]))
+        torch.testing.assert_close(modo_(gramian), torch.tensor([[1.0, 0.0], [0.0, 1.0]])[call])
+        torch.testing.assert_close(sdmgrad_(gramian), torch.tensor([0.115385, 0.884615]))
+
+
+def test_empty_matrices_as_torchjd() -> None:
+    for shape in [(0, 3), (2, 0)]:
+        matrix = torch.zeros(shape, dtype=F64)
+        for ours, theirs in [
+            (GradDrop(), torchjd_aggregation.GradDrop()),
+            (ConFIG(), torchjd_aggregation.ConFIG()),
+        ]:
+            actual = ours(matrix)
+            assert actual.shape == theirs(matrix).shape == (shape[1],)
+            assert torch.equal(actual, torch.zeros(shape[1], dtype=F64))
+    with pytest.raises(ValueError, match="one leak per row"):
+        GradDrop(leak=torch.ones(2))(torch.zeros(0, 3))
+    for weighting in [ExcessMTLWeighting(), MoDoWeighting(), SDMGradWeighting()]:
+        with pytest.raises(ValueError, match=r"0 losses|m = 0"):
+            weighting(torch.zeros(0, 0))
+
+
+def test_reprs_and_strs_as_torchjd() -> None:
+    pref = torch.tensor([1.0, 2.0])
+    for ours, theirs in [
+        (ConFIG(), torchjd_aggregation.ConFIG()),
+        (ConFIG(pref), torchjd_aggregation.ConFIG(pref)),
+        (ExcessMTL(0.5, 3), torchjd_aggregation.ExcessMTL(0.5, 3)),
+        (ExcessMTLWeighting(0.5, 3), torchjd_aggregation.ExcessMTLWeighting(0.5, 3)),
+        (MoDoWeighting(0.2), torchjd_aggregation.MoDoWeighting(0.2)),
+        (
+            SDMGradWeighting(pref_vector=pref),
+            torchjd_aggregation.SDMGradWeighting(pref_vector=pref),
+        ),
+    ]:
+        assert repr(ours) == repr(theirs)
+        assert str(ours) == str(theirs)
+    leak = torch.tensor([0.5, 0.25])
+    assert str(GradDrop(leak=leak)) == str(torchjd_aggregation.GradDrop(leak=leak))
+    assert str(GradDrop()) == "GradDrop"
+    assert repr(GradDrop(seed=3)).startswith("GradDrop(f=<function _identity")
+    assert repr(GradDrop(seed=3)).endswith("leak=None, seed=3)")
+
+
+def test_setters_take_effect_and_validate() -> None:
+    a = _cross_pairs(3, 1, seed=9)[0]
+    weighting = MoDoWeighting()
+    weighting(a)
+    state = weighting.state
+    weighting.gamma = 0.5
+    expected, _ = modo(0.5).update(a, state)
+    torch.testing.assert_close(weighting(a), expected)
+    with pytest.raises(ValueError, match="gamma"):
+        weighting.gamma = -1.0
+    assert weighting.gamma == 0.5
+    sdm = SDMGradWeighting()
+    for name, bad in [("lr", 0.0), ("momentum", 1.0), ("n_iter", 0), ("lambda_", -1.0)]:
+        with pytest.raises(ValueError, match=name):
+            setattr(sdm, name, bad)
+    sdm.n_iter = 3
+    expected, _ = sdmgrad(n_iter=3).update(a, sdmgrad().init(3, dtype=F64))
+    torch.testing.assert_close(sdm(a), expected)
+    aggregator = ExcessMTL()
+    aggregator(J_BASE)
+    aggregator.robust_step_size = 3.0
+    assert aggregator.weighting.robust_step_size == 3.0
+    with pytest.raises(ValueError, match="robust_step_size"):
+        aggregator.robust_step_size = 0.0
+    with pytest.raises(ValueError, match="n_warmup_steps"):
+        aggregator.n_warmup_steps = -2
+    assert int(aggregator.state.step) == 1  # the state is kept
+    config_ = ConFIG()
+    config_.pref_vector = torch.tensor([1.0, 3.0])
+    torch.testing.assert_close(
+        config_(J_BASE), torchjd_aggregation.ConFIG(torch.tensor([1.0, 3.0]))(J_BASE)
+    )
+    drop = GradDrop(seed=0)
+    drop.leak = torch.ones(2)  # everything leaks through: the sum
+    torch.testing.assert_close(drop(J_BASE), J_BASE.sum(0))
+    with pytest.raises(ValueError, match="leak"):
+        drop.leak = torch.ones(2, 2)
+    with pytest.raises(AttributeError, match="fixed at construction"):
+        drop.seed = 4
+
+
+def test_cross_weightings_refuse_a_gramian_weighted_aggregator() -> None:
+    for weighting in [MoDoWeighting(), SDMGradWeighting()]:
+        with pytest.raises(TypeError, match="cross-Gramian"):
+            GramianWeightedAggregator(weighting)
+    with pytest.raises(TypeError, match="CrossWeighting"):
+        CrossGramianWeighting(mean())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cross-Gramian"):
+        MoDoWeighting()(torch.zeros(2, 2, 2))
+
+
+def test_classes_are_not_differentiable() -> None:
+    matrix = J_BASE.clone().requires_grad_()
+    gramian = (J_BASE @ J_BASE.T).requires_grad_()
+    for output in [
+        GradDrop()(matrix),
+        ConFIG()(matrix),
+        ExcessMTL()(matrix),
+        ExcessMTLWeighting()(matrix),
+        MoDoWeighting()(gramian),
+        SDMGradWeighting()(gramian),
+    ]:
+        assert not output.requires_grad
+
+
+CLASSES: list[tuple[str, Callable[[], Any], bool]] = [
+    ("GradDrop", lambda: GradDrop(seed=5), False),
+    ("ConFIG", lambda: ConFIG(), False),
+    ("ExcessMTL", lambda: ExcessMTL(0.5, 1), False),
+    ("ExcessMTLWeighting", lambda: ExcessMTLWeighting(), False),
+    ("MoDoWeighting", lambda: MoDoWeighting(), True),
+    ("SDMGradWeighting", lambda: SDMGradWeighting(), True),
+]
+
+
+def _inputs(cross: bool, count: int) -> list[Tensor]:
+    return _cross_pairs(4, count, seed=1) if cross else _steps(4, 6, count, seed=1)
+
+
+@pytest.mark.parametrize(("name", "make", "cross"), CLASSES, ids=[c[0] for c in CLASSES])
+def test_class_state_restored_by_assignment_pickling_and_state_dict(
+    name: str, make: Callable[[], Any], cross: bool
+) -> None:
+    first, *rest = _inputs(cross, 4)
+    original = make()
+    original(first)
+    buffer = io.BytesIO()
+    torch.save(original.state, buffer)
+    buffer.seek(0)
+    assigned = make()
+    assigned.state = torch.load(buffer, weights_only=False)
+    pickled = pickle.loads(pickle.dumps(original))
+    loaded = make()
+    if hasattr(loaded, "load_state_dict") and name != "ExcessMTL":
+        loaded.load_state_dict(original.state_dict())
+    else:
+        loaded = pickle.loads(pickle.dumps(original))
+    for stat in rest:
+        expected = original(stat)
+        for other in [assigned, pickled, loaded]:
+            assert torch.equal(other(stat), expected)
+
+
+def test_class_refuses_an_assigned_state_of_another_shape() -> None:
+    weighting = ExcessMTLWeighting()
+    weighting(_steps(3, 4, 1, 0)[0])
+    saved = weighting.state
+    fresh = ExcessMTLWeighting()
+    fresh.state = saved
+    with pytest.raises(ValueError, match="does not fit"):
+        fresh(_steps(3, 5, 1, 0)[0])
+    modo_ = MoDoWeighting()
+    modo_.state = MoDoState(torch.ones(3))
+    with pytest.raises(ValueError, match="does not fit"):
+        modo_(torch.eye(2))

@@ -39,22 +39,29 @@ from torchjd_func.aggregation._base import (
     guard_nonfinite,
     stateless,
 )
-from torchjd_func.aggregation._config import config, config_weights
+from torchjd_func.aggregation._config import ConFIG, config, config_weights
 from torchjd_func.aggregation._constant import (
     Constant,
     ConstantWeighting,
     constant,
     constant_weights,
 )
+from torchjd_func.aggregation._cross import CrossGramianWeighting
 from torchjd_func.aggregation._dualproj import (
     DualProj,
     DualProjWeighting,
     dualproj,
     dualproj_weights,
 )
-from torchjd_func.aggregation._excess_mtl import ExcessMTLState, excess_mtl, excess_mtl_weights
+from torchjd_func.aggregation._excess_mtl import (
+    ExcessMTL,
+    ExcessMTLState,
+    ExcessMTLWeighting,
+    excess_mtl,
+    excess_mtl_weights,
+)
 from torchjd_func.aggregation._flattening import Flattening
-from torchjd_func.aggregation._graddrop import graddrop, graddrop_aggregate
+from torchjd_func.aggregation._graddrop import GradDrop, graddrop, graddrop_update
 from torchjd_func.aggregation._gradvac import (
     GradVac,
     GradVacState,
@@ -78,7 +85,7 @@ from torchjd_func.aggregation._kinds import (
 )
 from torchjd_func.aggregation._mean import Mean, MeanWeighting, mean, mean_weights
 from torchjd_func.aggregation._mgda import MGDA, MGDAWeighting, mgda, mgda_weights
-from torchjd_func.aggregation._modo import MoDoState, modo, modo_weights
+from torchjd_func.aggregation._modo import MoDoState, MoDoWeighting, modo, modo_weights
 from torchjd_func.aggregation._random import (
     Random,
     RandomState,
@@ -86,7 +93,12 @@ from torchjd_func.aggregation._random import (
     random_,
     random_weights,
 )
-from torchjd_func.aggregation._sdmgrad import SDMGradState, sdmgrad, sdmgrad_weights
+from torchjd_func.aggregation._sdmgrad import (
+    SDMGradState,
+    SDMGradWeighting,
+    sdmgrad,
+    sdmgrad_weights,
+)
 from torchjd_func.aggregation._sum import Sum, SumWeighting, sum_, sum_weights
 from torchjd_func.aggregation._trimmed_mean import TrimmedMean, trimmed_mean, trimmed_mean_update
 from torchjd_func.aggregation._upgrad import UPGrad, UPGradWeighting, upgrad, upgrad_weights
@@ -95,14 +107,19 @@ __all__ = [
     "MGDA",
     "Aggregation",
     "Aggregator",
+    "ConFIG",
     "Constant",
     "ConstantWeighting",
+    "CrossGramianWeighting",
     "CrossWeighting",
     "DualProj",
     "DualProjWeighting",
     "EmptyState",
+    "ExcessMTL",
     "ExcessMTLState",
+    "ExcessMTLWeighting",
     "Flattening",
+    "GradDrop",
     "GradVac",
     "GradVacState",
     "GradVacWeighting",
@@ -119,6 +136,7 @@ __all__ = [
     "Mean",
     "MeanWeighting",
     "MoDoState",
+    "MoDoWeighting",
     "PCGrad",
     "PCGradWeighting",
     "PureWeighting",
@@ -126,6 +144,7 @@ __all__ = [
     "RandomState",
     "RandomWeighting",
     "SDMGradState",
+    "SDMGradWeighting",
     "Sum",
     "SumWeighting",
     "TrimmedMean",
@@ -146,7 +165,7 @@ __all__ = [
     "excess_mtl",
     "excess_mtl_weights",
     "graddrop",
-    "graddrop_aggregate",
+    "graddrop_update",
     "gradvac",
     "gradvac_weights",
     "guard_nonfinite",

@@ -37,21 +37,30 @@ treated as dependent here, where TorchJD amplifies that component by up to ``1/Ï
 Like TorchJD's, ConFIG is not differentiable (the Gramian is detached).
 """
 
+from typing import Any
+
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from torchjd_func._gramian import combine
-from torchjd_func.aggregation._base import EmptyState, check_gramian, nan_if_nonfinite
+from torchjd_func.aggregation._base import (
+    EmptyState,
+    Hyperparameter,
+    check_gramian,
+    nan_if_nonfinite,
+)
 from torchjd_func.aggregation._constant import check_vector
 from torchjd_func.aggregation._flat import ordered_leaves, params_layout, work_dtype
 from torchjd_func.aggregation._kinds import (
+    JacobianAggregating,
     JacobianAggregator,
     check_jacobian,
     guard_nonfinite_jacobian,
 )
+from torchjd_func.aggregation._upgrad import pref_suffix
 
-__all__ = ["config", "config_weights"]
+__all__ = ["ConFIG", "config", "config_weights"]
 
 
 def config_weights(
@@ -193,3 +202,42 @@ class _ConFIGUpdate:
         rtol = max(m, n) * eps
         weights = config_weights(_gramian64(jacobian), self.pref_vector, rtol=rtol).to(dtype)
         return combine(jacobian, weights), weights, state
+
+
+class ConFIG(JacobianAggregating):
+    """Aggregator ``[m, n] -> [n]`` of ConFIG's conflict-free direction (:func:`config`); not
+    differentiable (runs under ``torch.no_grad()``), as in TorchJD.
+
+    Args:
+        pref_vector: Preferences ``[m]`` (not normalised); ``None`` means ones.
+
+    ``pref_vector`` is a property that can be set later (checked as here). A matrix with no row
+    gives zeros ``[n]``, as in TorchJD.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import ConFIG
+        >>> aggregator = ConFIG()
+        >>> aggregator(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+        tensor([0.1588, 2.0706, 2.0706])
+        >>> aggregator.pref_vector = torch.tensor([1.0, 2.0])
+        >>> aggregator, str(aggregator)
+        (ConFIG(pref_vector=tensor([1., 2.])), 'ConFIG([1., 2.])')
+    """
+
+    _differentiable = False
+    pref_vector = Hyperparameter[Tensor | None]()
+
+    def __init__(self, pref_vector: Tensor | None = None) -> None:
+        super().__init__(pref_vector=pref_vector)
+
+    def _build(self, **hyperparameters: Any) -> JacobianAggregator[Any]:
+        return config(**hyperparameters)
+
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        if matrix.shape[0] == 0:
+            return matrix.new_zeros(matrix.shape[1])
+        return super().forward(matrix)
+
+    def __str__(self) -> str:
+        return f"ConFIG{pref_suffix(self.pref_vector)}"

@@ -23,21 +23,29 @@ sorted leaf-key order (a NamedTuple of tensors, not a TensorDict), in the parame
 are not differentiable (the Jacobian is detached).
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from torchjd_func._gramian import combine
-from torchjd_func.aggregation._flat import ordered_leaves, params_layout
+from torchjd_func.aggregation._base import Hyperparameter, WeightedAggregator
+from torchjd_func.aggregation._flat import check_m, ordered_leaves, params_layout
 from torchjd_func.aggregation._kinds import (
     JacobianAggregator,
+    JacobianWeighting,
     check_jacobian,
     guard_nonfinite_jacobian,
 )
 
-__all__ = ["ExcessMTLState", "excess_mtl", "excess_mtl_weights"]
+__all__ = [
+    "ExcessMTL",
+    "ExcessMTLState",
+    "ExcessMTLWeighting",
+    "excess_mtl",
+    "excess_mtl_weights",
+]
 
 _EPS = 1e-7
 """TorchJD's (and the official implementation's) constant in ``√(S + ε)`` and ``b + ε``."""
@@ -80,6 +88,7 @@ def init_excess_mtl(
     m: int, n: int, *, dtype: torch.dtype, device: torch.device | str | None
 ) -> ExcessMTLState:
     """The initial :class:`ExcessMTLState` for ``m`` losses of parameters with ``n`` entries."""
+    check_m(m)
     return ExcessMTLState(
         weights=torch.full((m,), 1.0 / m, dtype=dtype, device=device),
         sq_grad_sum=torch.zeros(m, n, dtype=dtype, device=device),
@@ -221,3 +230,86 @@ class _ExcessMTLUpdate:
             n_warmup_steps=self.n_warmup_steps,
         )
         return combine(jacobian, weights), weights, new_state
+
+
+class ExcessMTLWeighting(JacobianWeighting):
+    """Weighting ``[m, n] -> [m]`` of ExcessMTL (:func:`excess_mtl_weights`), taking the matrix
+    ``J`` (not its Gramian) and holding an :class:`ExcessMTLState` in ``state`` (re-created when
+    ``m``, ``n``, the dtype or the device change, as TorchJD's); not differentiable (runs under
+    ``torch.no_grad()``), as in TorchJD.
+
+    Args:
+        robust_step_size: The step size ``η`` of the exponentiated update, positive.
+        n_warmup_steps: Calls during which the weights stay ``1/m``, non-negative.
+
+    Each argument is a property that can be set later (checked as here; the state is kept).
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import ExcessMTLWeighting
+        >>> weighting = ExcessMTLWeighting()
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> weighting(J), weighting(J)
+        (tensor([0.1192, 0.8808]), tensor([0.1192, 0.8808]))
+        >>> weighting
+        ExcessMTLWeighting(robust_step_size=1.0, n_warmup_steps=0)
+    """
+
+    _differentiable = False
+    robust_step_size = Hyperparameter[float]()
+    n_warmup_steps = Hyperparameter[int]()
+
+    def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
+        super().__init__(robust_step_size=robust_step_size, n_warmup_steps=n_warmup_steps)
+
+    def _build(self, **hyperparameters: Any) -> JacobianAggregator[Any]:
+        return excess_mtl(**hyperparameters)
+
+
+class ExcessMTL(WeightedAggregator):
+    """Aggregator ``J ↦ Jᵀw`` with ExcessMTL's weights ``w`` (:class:`ExcessMTLWeighting`, in
+    ``weighting``); stateful (``state``, ``reset()``); not differentiable (runs under
+    ``torch.no_grad()``), as in TorchJD.
+
+    Args:
+        robust_step_size: The step size ``η`` of the exponentiated update, positive.
+        n_warmup_steps: Calls during which the weights stay ``1/m``, non-negative.
+
+    Each argument is a property that can be set later (checked as here; the state is kept).
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import ExcessMTL
+        >>> aggregator = ExcessMTL()
+        >>> aggregator(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+        tensor([4.8080, 1.0000, 1.0000])
+        >>> aggregator
+        ExcessMTL(robust_step_size=1.0, n_warmup_steps=0)
+    """
+
+    _differentiable = False
+    weighting: ExcessMTLWeighting
+
+    def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
+        super().__init__(ExcessMTLWeighting(robust_step_size, n_warmup_steps))
+
+    @property
+    def robust_step_size(self) -> float:
+        """The step size of the exponentiated update (the weighting's)."""
+        return self.weighting.robust_step_size
+
+    @robust_step_size.setter
+    def robust_step_size(self, value: float) -> None:
+        self.weighting.robust_step_size = value
+
+    @property
+    def n_warmup_steps(self) -> int:
+        """The number of warm-up calls (the weighting's)."""
+        return self.weighting.n_warmup_steps
+
+    @n_warmup_steps.setter
+    def n_warmup_steps(self, value: int) -> None:
+        self.weighting.n_warmup_steps = value
+
+    def __repr__(self) -> str:
+        return f"ExcessMTL({self.weighting.extra_repr()})"

@@ -13,7 +13,7 @@ from torch import Tensor
 from torchjd_func._tree import leaves
 from torchjd_func._types import LeafKey
 
-__all__ = ["ordered_leaves", "params_layout", "work_dtype"]
+__all__ = ["check_m", "ordered_leaves", "params_layout", "work_dtype"]
 
 
 def ordered_leaves(td: TensorDictBase) -> list[tuple[LeafKey, Tensor]]:
@@ -54,3 +54,14 @@ def params_layout(params: TensorDictBase) -> tuple[int, torch.dtype, torch.devic
     batch = len(params.batch_size)
     n = sum(value.shape[batch:].numel() for value in values)
     return n, work_dtype(values), values[0].device
+
+
+def check_m(m: object) -> int:
+    """Checks the number of losses given to an ``init``: a positive int."""
+    if isinstance(m, bool) or not isinstance(m, int):
+        raise TypeError(f"The number of losses `m` must be an int, got {type(m).__name__}.")
+    if m < 1:
+        raise ValueError(
+            f"The number of losses must be positive, got m = {m}: there is no loss to weight."
+        )
+    return m

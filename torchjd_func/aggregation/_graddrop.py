@@ -24,6 +24,7 @@ all the coordinates flattened and concatenated in sorted leaf-key order (for a m
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -31,16 +32,19 @@ from torch import Tensor
 
 from torchjd_func._prng import check_seed, key_from_seed, split, uniform
 from torchjd_func._tree import from_leaves
+from torchjd_func.aggregation._base import Hyperparameter
 from torchjd_func.aggregation._constant import check_vector
 from torchjd_func.aggregation._flat import ordered_leaves, params_layout, work_dtype
 from torchjd_func.aggregation._kinds import (
+    JacobianAggregating,
     JacobianAggregator,
     check_jacobian,
     guard_nonfinite_jacobian,
 )
-from torchjd_func.aggregation._random import RandomState
+from torchjd_func.aggregation._random import RandomState, seed_or_draw
+from torchjd_func.aggregation._upgrad import pref_suffix
 
-__all__ = ["graddrop", "graddrop_aggregate"]
+__all__ = ["GradDrop", "graddrop", "graddrop_update"]
 
 
 def _identity(p: Tensor) -> Tensor:
@@ -48,7 +52,7 @@ def _identity(p: Tensor) -> Tensor:
     return p
 
 
-def graddrop_aggregate(
+def graddrop_update(
     jacobian: TensorDictBase,
     key: Tensor,
     *,
@@ -74,9 +78,9 @@ def graddrop_aggregate(
     Example:
         >>> import torch
         >>> from tensordict import TensorDict
-        >>> from torchjd_func.aggregation import graddrop_aggregate
+        >>> from torchjd_func.aggregation import graddrop_update
         >>> J = TensorDict({"w": torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])}, [2])
-        >>> graddrop_aggregate(J, torch.tensor(0))["w"]  # the 1s always pass (P = 1)
+        >>> graddrop_update(J, torch.tensor(0))["w"]  # the 1s always pass (P = 1)
         tensor([6., 2., 2.])
     """
     check_jacobian(jacobian)
@@ -122,7 +126,7 @@ def graddrop(
 ) -> JacobianAggregator[RandomState]:
     """GradDrop as a :class:`~torchjd_func.aggregation.JacobianAggregator` whose state is a
     :class:`~torchjd_func.aggregation.RandomState`; its weights are ``None`` (the update is not
-    a weighting of the rows). See :func:`graddrop_aggregate`.
+    a weighting of the rows). See :func:`graddrop_update`.
 
     Args:
         f: Applied to the purities ``P``; monotonically increasing, entrywise.
@@ -174,5 +178,61 @@ class _GradDropUpdate:
         if not isinstance(state, RandomState):
             raise TypeError(f"Expected a RandomState (from `graddrop(...).init`), got {state!r}.")
         kept, used = split(state.key)
-        update = graddrop_aggregate(jacobian, used, f=self.f, leak=self.leak)
+        update = graddrop_update(jacobian, used, f=self.f, leak=self.leak)
         return update, None, RandomState(kept)
+
+
+class GradDrop(JacobianAggregating):
+    """Aggregator of GradDrop's sign dropout, ``[m, n] -> [n]`` (:func:`graddrop_update`); not
+    differentiable (runs under ``torch.no_grad()``), as in TorchJD.
+
+    Args:
+        f: Applied to the purities ``P`` ``[n]``; monotonically increasing, entrywise. Defaults
+            to the identity.
+        leak: Leaks ``[m]`` (how much of each row always passes), or ``None`` for no leak.
+        seed: Seed of the key of the uniforms; ``None`` draws it from torch's global generator
+            at construction. Read-only afterwards (create a new object for another seed).
+
+    ``f`` and ``leak`` are properties that can be set later (checked as here; the key is kept).
+    A matrix with no row or no column gives zeros ``[n]``, as in TorchJD.
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import GradDrop
+        >>> aggregator = GradDrop(seed=0)
+        >>> aggregator(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+        tensor([6., 2., 2.])
+        >>> aggregator.leak = torch.tensor([1.0, 0.0])
+        >>> str(aggregator)
+        'GradDrop([1., 0.])'
+    """
+
+    _differentiable = False
+    f = Hyperparameter[Callable[[Tensor], Tensor]]()
+    leak = Hyperparameter[Tensor | None]()
+    seed = Hyperparameter[int](settable=False)
+
+    def __init__(
+        self,
+        f: Callable[[Tensor], Tensor] = _identity,
+        leak: Tensor | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(f=f, leak=leak, seed=seed_or_draw(seed))
+
+    def _build(self, **hyperparameters: Any) -> JacobianAggregator[Any]:
+        return graddrop(**hyperparameters)
+
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        if matrix.shape[0] == 0:
+            leak = self.leak
+            if leak is not None and leak.shape[0] != 0:
+                raise ValueError(
+                    f"`leak` has {leak.shape[0]} entries but the matrix has no row: give one "
+                    "leak per row."
+                )
+            return matrix.new_zeros(matrix.shape[1])
+        return super().forward(matrix)
+
+    def __str__(self) -> str:
+        return f"GradDrop{pref_suffix(self.leak)}"

@@ -16,16 +16,23 @@ regularisation. The weights are the new ``λ``. Like TorchJD's, they are not dif
 is detached).
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from torchjd_func.aggregation._base import check_gramian, guard_nonfinite, nan_if_nonfinite
+from torchjd_func.aggregation._base import (
+    Hyperparameter,
+    check_gramian,
+    guard_nonfinite,
+    nan_if_nonfinite,
+)
+from torchjd_func.aggregation._cross import CrossGramianWeighting
+from torchjd_func.aggregation._flat import check_m
 from torchjd_func.aggregation._kinds import CrossWeighting
 from torchjd_func.aggregation._simplex import project_onto_simplex
 
-__all__ = ["MoDoState", "check_positive", "modo", "modo_weights"]
+__all__ = ["MoDoState", "MoDoWeighting", "check_positive", "modo", "modo_weights"]
 
 
 class MoDoState(NamedTuple):
@@ -117,7 +124,7 @@ class _MoDoInit:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> MoDoState:
-        return MoDoState(torch.full((m,), 1.0 / m, dtype=dtype, device=device))
+        return MoDoState(torch.full((check_m(m),), 1.0 / m, dtype=dtype, device=device))
 
 
 class _MoDoUpdate:
@@ -132,3 +139,38 @@ class _MoDoUpdate:
             raise TypeError(f"Expected a MoDoState (from `modo().init(m)`), got {state!r}.")
         weights = modo_weights(cross_gramian, state.weights, gamma=self.gamma, rho=self.rho)
         return weights, MoDoState(weights)
+
+
+class MoDoWeighting(CrossGramianWeighting):
+    """Weighting of :func:`modo_weights`, holding ``λ`` in ``state``; it takes the cross-Gramian
+    ``A = J₁ J₂ᵀ`` of two independent batches (not a Gramian: ``GramianWeightedAggregator``
+    refuses it). Not differentiable (runs under ``torch.no_grad()``), as in TorchJD.
+
+    Args:
+        gamma: The step size, positive.
+        rho: The ℓ2 regularisation, non-negative.
+
+    Each argument is a property that can be set later (checked as here; ``λ`` is kept).
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func import combine
+        >>> from torchjd_func.aggregation import MoDoWeighting, cross_gramian
+        >>> from tensordict import TensorDict
+        >>> J1 = TensorDict({"w": torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])}, [2])
+        >>> J2 = TensorDict({"w": torch.tensor([[-3.0, 1.0, 2.0], [5.0, 0.0, 1.0]])}, [2])
+        >>> weighting = MoDoWeighting()
+        >>> weights = weighting(cross_gramian(J1, J2))
+        >>> weights, combine(J1, weights)["w"]
+        (tensor([1., 0.]), tensor([-4.,  1.,  1.]))
+    """
+
+    _differentiable = False
+    gamma = Hyperparameter[float]()
+    rho = Hyperparameter[float]()
+
+    def __init__(self, gamma: float = 0.1, rho: float = 0.1) -> None:
+        super().__init__(gamma=gamma, rho=rho)
+
+    def _build(self, **hyperparameters: Any) -> CrossWeighting[Any]:
+        return modo(**hyperparameters)

@@ -18,18 +18,25 @@ it), ``w₀ = 1/m``. The ``n_iter`` iterations are unrolled (a fixed budget); th
 sort-based. Like TorchJD's, the weights are not differentiable (``A`` is detached).
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from torchjd_func.aggregation._base import check_gramian, guard_nonfinite, nan_if_nonfinite
+from torchjd_func.aggregation._base import (
+    Hyperparameter,
+    check_gramian,
+    guard_nonfinite,
+    nan_if_nonfinite,
+)
 from torchjd_func.aggregation._constant import check_vector
+from torchjd_func.aggregation._cross import CrossGramianWeighting
+from torchjd_func.aggregation._flat import check_m
 from torchjd_func.aggregation._kinds import CrossWeighting
 from torchjd_func.aggregation._modo import check_positive
 from torchjd_func.aggregation._simplex import project_onto_simplex
 
-__all__ = ["SDMGradState", "sdmgrad", "sdmgrad_weights"]
+__all__ = ["SDMGradState", "SDMGradWeighting", "sdmgrad", "sdmgrad_weights"]
 
 
 class SDMGradState(NamedTuple):
@@ -166,7 +173,7 @@ class _SDMGradInit:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> SDMGradState:
-        return SDMGradState(torch.full((m,), 1.0 / m, dtype=dtype, device=device))
+        return SDMGradState(torch.full((check_m(m),), 1.0 / m, dtype=dtype, device=device))
 
 
 class _SDMGradUpdate:
@@ -196,3 +203,52 @@ class _SDMGradUpdate:
             pref_vector=self.pref_vector,
         )
         return weights, SDMGradState(w)
+
+
+class SDMGradWeighting(CrossGramianWeighting):
+    """Weighting of :func:`sdmgrad_weights`, holding the inner iterate ``w`` in ``state``; it
+    takes the cross-Gramian ``A = J₁ J₂ᵀ`` of two independent batches (not a Gramian:
+    ``GramianWeightedAggregator`` refuses it). Not differentiable (runs under
+    ``torch.no_grad()``), as in TorchJD.
+
+    Args:
+        lr: The inner step size, positive.
+        momentum: The inner momentum, in ``[0, 1)``.
+        n_iter: The number of inner steps, positive.
+        lambda_: The pull toward the preference direction, non-negative.
+        pref_vector: The preference ``[m]``; ``None`` means ``1/m``.
+
+    Each argument is a property that can be set later (checked as here; ``w`` is kept).
+
+    Example:
+        >>> import torch
+        >>> from torchjd_func.aggregation import SDMGradWeighting
+        >>> A = torch.tensor([[18.0, -22.0], [-22.0, 38.0]])
+        >>> weighting = SDMGradWeighting()
+        >>> weighting(A)
+        tensor([0.1154, 0.8846])
+        >>> weighting
+        SDMGradWeighting(lr=10.0, momentum=0.5, n_iter=20, lambda_=0.3, pref_vector=None)
+    """
+
+    _differentiable = False
+    lr = Hyperparameter[float]()
+    momentum = Hyperparameter[float]()
+    n_iter = Hyperparameter[int]()
+    lambda_ = Hyperparameter[float]()
+    pref_vector = Hyperparameter[Tensor | None]()
+
+    def __init__(
+        self,
+        lr: float = 10.0,
+        momentum: float = 0.5,
+        n_iter: int = 20,
+        lambda_: float = 0.3,
+        pref_vector: Tensor | None = None,
+    ) -> None:
+        super().__init__(
+            lr=lr, momentum=momentum, n_iter=n_iter, lambda_=lambda_, pref_vector=pref_vector
+        )
+
+    def _build(self, **hyperparameters: Any) -> CrossWeighting[Any]:
+        return sdmgrad(**hyperparameters)
