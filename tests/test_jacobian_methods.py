@@ -18,7 +18,7 @@ from torch import Tensor
 from torch._dynamo.testing import CompileCounter
 from torch.utils._pytree import tree_flatten
 
-from torchjd_func import combine
+from torchjd_func import call, combine, group_params, jacobian, params_of
 from torchjd_func._prng import key_from_seed, split, uniform
 from torchjd_func.aggregation import (
     ConFIG,
@@ -35,6 +35,7 @@ from torchjd_func.aggregation import (
     RandomState,
     SDMGradState,
     SDMGradWeighting,
+    aggregate_groups,
     config,
     config_weights,
     cross_gramian,
@@ -42,6 +43,7 @@ from torchjd_func.aggregation import (
     excess_mtl_weights,
     graddrop,
     graddrop_update,
+    init_group_states,
     mean,
     modo,
     modo_weights,
@@ -50,6 +52,8 @@ from torchjd_func.aggregation import (
     stateless,
 )
 from torchjd_func.aggregation._simplex import project_onto_simplex
+from torchjd_func.optim import sgd
+from torchjd_func.step import jd_step
 
 torchjd_aggregation = pytest.importorskip("torchjd.aggregation")
 
@@ -824,10 +828,10 @@ def test_classes_published_values() -> None:
     torch.testing.assert_close(GradDrop(seed=0)(J_BASE), torch.tensor([6.0, 2.0, 2.0]))
     aggregator, weighting = ExcessMTL(), ExcessMTLWeighting()
     modo_, sdmgrad_ = MoDoWeighting(), SDMGradWeighting()
-    for call in range(2):
+    for index in range(2):
         torch.testing.assert_close(aggregator(J_BASE), torch.tensor([4.807971, 1.0, 1.0]))
         torch.testing.assert_close(weighting(J_BASE), torch.tensor([0.119203, 0.880797]))
-        torch.testing.assert_close(modo_(gramian), torch.tensor([[1.0, 0.0], [0.0, 1.0]])[call])
+        torch.testing.assert_close(modo_(gramian), torch.tensor([[1.0, 0.0], [0.0, 1.0]])[index])
         torch.testing.assert_close(sdmgrad_(gramian), torch.tensor([0.115385, 0.884615]))
 
 
@@ -985,3 +989,58 @@ def test_class_refuses_an_assigned_state_of_another_shape() -> None:
     modo_.state = MoDoState(torch.ones(3))
     with pytest.raises(ValueError, match="does not fit"):
         modo_(torch.eye(2))
+
+
+# --- With the steps and aggregate --------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("_fresh_dynamo")
+@pytest.mark.parametrize("entry", JACOBIAN_REGISTRY[::2], ids=str)
+def test_jd_step_takes_the_jacobian_aggregators(entry: JacobianEntry) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 5))
+
+    def losses_fn(p: TensorDictBase, x: Tensor, y: Tensor) -> Tensor:
+        return (call(model, p, x) - y).pow(2).mean(0)  # five losses
+
+    aggregator = entry.make()
+    step = jd_step(losses_fn, aggregator, sgd(0.1))
+    params = params_of(model)
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, generator=generator), torch.randn(8, 5, generator=generator))]
+    batches.append((torch.randn(8, 3, generator=generator), torch.randn(8, 5, generator=generator)))
+    counter = CompileCounter()
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    eager_state = compiled_state = aggregator.init(params, 5)
+    eager_params = compiled_params = params
+    opt = sgd(0.1).init(params)
+    for batch in batches:
+        eager = step(eager_params, opt, eager_state, batch)
+        out = compiled(compiled_params, opt, compiled_state, batch)
+        assert not bool(eager.metrics["skipped"])
+        for a, b in zip(_td_leaves(out.params), _td_leaves(eager.params), strict=True):
+            torch.testing.assert_close(a, b)
+        eager_params, eager_state = eager.params, eager.agg_state
+        compiled_params, compiled_state = out.params, out.agg_state
+    assert counter.frame_count == 1
+    # The update applied is the aggregator's on the step's Jacobian.
+    jac = jacobian(losses_fn, params, *batches[0])
+    update, _, _ = aggregator.update(jac, aggregator.init(params, 5))
+    first = step(params, opt, aggregator.init(params, 5), batches[0])
+    for key in params.keys(True, True):
+        torch.testing.assert_close(first.params.get(key), params.get(key) - 0.1 * update.get(key))
+
+
+def test_aggregate_groups_with_one_excess_mtl_state_per_layer() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    params = params_of(model)
+    groups = group_params(params, "per_layer")
+    states = init_group_states(groups, excess_mtl(), m=2, params=params)
+    assert states["0"].sq_grad_sum.shape == (2, 16)
+    assert states["2"].sq_grad_sum.shape == (2, 10)
+    jac = jacobian(lambda p, x: call(model, p, x).pow(2).mean(0), params, torch.randn(8, 3))
+    result = aggregate_groups(jac, groups, excess_mtl(), states)
+    for name in ["0", "2"]:
+        sub = jac.select(*groups[name])
+        expected, _, _ = excess_mtl().update(sub, states[name])
+        for key in sub.keys(True, True):
+            torch.testing.assert_close(result.update.get(key), expected.get(key))
