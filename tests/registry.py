@@ -14,6 +14,7 @@ from torch import Tensor
 from tests.settings import DEVICE, DTYPE
 from torchjd_func.aggregation import (
     PureWeighting,
+    config_weights,
     constant,
     dualproj,
     gradvac,
@@ -21,6 +22,7 @@ from torchjd_func.aggregation import (
     mgda,
     pcgrad,
     random_,
+    stateless,
     sum_,
     upgrad,
 )
@@ -79,6 +81,8 @@ REGISTRY = [
     ),
     Entry("pcgrad", lambda m: pcgrad(seed=1), frozenset({STATEFUL})),
     Entry("gradvac", lambda m: gradvac(seed=2), frozenset({STATEFUL})),
+    # ConFIG's exact effective weights are a function of the Gramian (docs/methods/jacobian.md).
+    Entry("config", lambda m: stateless(config_weights), frozenset({PERMUTATION_INVARIANT})),
 ]
 
 

@@ -240,6 +240,22 @@ def test_config_matches_torchjd(matrix: Tensor, pref: bool) -> None:
     _close(weights @ matrix, expected, 1e-10)
 
 
+INDEPENDENT = [c for c in MATRICES if int(torch.linalg.matrix_rank(c[1])) == c[1].shape[0]]
+
+
+@pytest.mark.parametrize("matrix", _ids(INDEPENDENT))
+def test_config_optimality_on_independent_rows(matrix: Tensor) -> None:
+    # U b = w for unit rows U of full row rank: cos(g_i, A(J)) ∝ w_i, the conflict-free
+    # condition of the paper (equal angles with the default w = 1).
+    m = matrix.shape[0]
+    pref = torch.linspace(0.5, 2.0, m, dtype=F64)
+    aggregator = config(pref)
+    jacobian = _as_jacobian(matrix)
+    update, _, _ = aggregator.update(jacobian, aggregator.init(jacobian[0], m))
+    cosines = matrix @ _flat(update) / (matrix.norm(dim=1) * _flat(update).norm())
+    torch.testing.assert_close(cosines / cosines.sum(), pref / pref.sum(), rtol=1e-9, atol=0)
+
+
 @pytest.mark.parametrize("matrix", _ids(MATRICES))
 def test_config_matches_torchjd_in_float32(matrix: Tensor) -> None:
     matrix = matrix.float()
