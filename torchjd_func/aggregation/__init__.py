@@ -26,6 +26,12 @@ from torchjd_func.aggregation._aggregate import (
     aggregate_groups,
     init_group_states,
 )
+from torchjd_func.aggregation._aligned_mtl import (
+    AlignedMTL,
+    AlignedMTLWeighting,
+    aligned_mtl,
+    aligned_mtl_weights,
+)
 from torchjd_func.aggregation._base import (
     Aggregator,
     EmptyState,
@@ -45,6 +51,7 @@ from torchjd_func.aggregation._constant import (
     constant,
     constant_weights,
 )
+from torchjd_func.aggregation._crmogm import CRMOGMState, CRMOGMWeighting, crmogm
 from torchjd_func.aggregation._dualproj import (
     DualProj,
     DualProjWeighting,
@@ -63,6 +70,8 @@ from torchjd_func.aggregation._gradvac import (
     pcgrad,
     pcgrad_weights,
 )
+from torchjd_func.aggregation._imtlg import IMTLG, IMTLGWeighting, imtlg, imtlg_weights
+from torchjd_func.aggregation._krum import Krum, KrumWeighting, krum, krum_weights
 from torchjd_func.aggregation._mean import Mean, MeanWeighting, mean, mean_weights
 from torchjd_func.aggregation._mgda import MGDA, MGDAWeighting, mgda, mgda_weights
 from torchjd_func.aggregation._random import (
@@ -76,9 +85,14 @@ from torchjd_func.aggregation._sum import Sum, SumWeighting, sum_, sum_weights
 from torchjd_func.aggregation._upgrad import UPGrad, UPGradWeighting, upgrad, upgrad_weights
 
 __all__ = [
+    "IMTLG",
     "MGDA",
     "Aggregation",
     "Aggregator",
+    "AlignedMTL",
+    "AlignedMTLWeighting",
+    "CRMOGMState",
+    "CRMOGMWeighting",
     "Constant",
     "ConstantWeighting",
     "DualProj",
@@ -91,7 +105,10 @@ __all__ = [
     "GramianWeightedAggregator",
     "GramianWeighting",
     "GroupAggregation",
+    "IMTLGWeighting",
     "InitFn",
+    "Krum",
+    "KrumWeighting",
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
@@ -110,14 +127,21 @@ __all__ = [
     "Weighting",
     "aggregate",
     "aggregate_groups",
+    "aligned_mtl",
+    "aligned_mtl_weights",
     "constant",
     "constant_weights",
+    "crmogm",
     "dualproj",
     "dualproj_weights",
     "gradvac",
     "gradvac_weights",
     "guard_nonfinite",
+    "imtlg",
+    "imtlg_weights",
     "init_group_states",
+    "krum",
+    "krum_weights",
     "mean",
     "mean_weights",
     "mgda",
