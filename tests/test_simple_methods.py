@@ -855,3 +855,21 @@ def test_crmogm_pure_state_compiles_once_across_the_first_and_later_steps() -> N
         torch.testing.assert_close(weights, expected)
     assert counter.frame_count == 1
     torch._dynamo.reset()
+
+
+def test_to_moves_the_wrapped_hyperparameters_and_the_state() -> None:
+    pref = torch.tensor([1.0, 2.0])
+    aligned = AlignedMTLWeighting(pref)
+    weighting = CRMOGMWeighting(aligned, initial_weights=torch.tensor([0.5, 0.5]))
+    gramian = J_BASE @ J_BASE.T
+    weighting(gramian)
+    weighting.to(torch.float64)
+    assert aligned.pref_vector is not None
+    assert aligned.pref_vector.dtype == torch.float64
+    assert weighting.initial_weights.dtype == torch.float64  # type: ignore[union-attr]
+    assert weighting.state.weights.dtype == torch.float64
+    reference = theirs.CRMOGMWeighting(
+        theirs.AlignedMTLWeighting(pref.double()), initial_weights=torch.tensor([0.5, 0.5])
+    )
+    reference(gramian.double())
+    _close(weighting(gramian.double()), reference(gramian.double()), rtol=1e-6)

@@ -31,11 +31,10 @@ from torchjd_func.aggregation._base import (
     Hyperparameter,
     PureWeighting,
     check_gramian,
-    nan_if_nonfinite,
     stateless,
 )
 from torchjd_func.aggregation._constant import check_vector
-from torchjd_func.aggregation._imtlg import finite_or_zero, work_dtype
+from torchjd_func.aggregation._imtlg import finite_mask, work_dtype
 from torchjd_func.aggregation._upgrad import check_pref, pref_suffix
 
 __all__ = [
@@ -64,8 +63,7 @@ def _balance_transformation(gramian: Tensor, scale_mode: ScaleMode) -> Tensor:
     tol = eigenvalues.amax(dim=-1, keepdim=True) * m * torch.finfo(gramian.dtype).eps
     kept = eigenvalues > tol  # the last `rank` (ascending order)
     rank = kept.sum(dim=-1, keepdim=True)
-    safe = torch.where(kept, eigenvalues, torch.ones_like(eigenvalues))
-    inverse_root = torch.where(kept, safe.rsqrt(), torch.zeros_like(safe))
+    inverse_root = torch.where(kept, torch.where(kept, eigenvalues, 1.0).rsqrt(), 0.0)
     if scale_mode == "rmse":
         scale = (eigenvalues * kept).sum(dim=-1, keepdim=True) / rank.clamp(min=1)
     else:
@@ -74,7 +72,7 @@ def _balance_transformation(gramian: Tensor, scale_mode: ScaleMode) -> Tensor:
         offset = (rank - 1).div(2, rounding_mode="floor") if scale_mode == "median" else 0
         index = (m - rank + offset).clamp(0, m - 1)
         scale = eigenvalues.gather(-1, index)
-    scale = torch.where(rank > 0, scale, torch.ones_like(scale))
+    scale = torch.where(rank > 0, scale, 1.0)
     transformation = (
         scale.unsqueeze(-1).sqrt() * (vectors * inverse_root.unsqueeze(-2)) @ vectors.mT
     )
@@ -122,9 +120,10 @@ def aligned_mtl_weights(
         u = torch.full(gramian.shape[:-1], 1.0 / m, dtype=work, device=gramian.device)
     else:
         u = pref.to(dtype=work, device=gramian.device).expand(*gramian.shape[:-1])
-    transformation = _balance_transformation(finite_or_zero(gramian).to(work), mode)
-    weights = (transformation @ u.unsqueeze(-1)).squeeze(-1)
-    return nan_if_nonfinite(gramian, weights.to(gramian.dtype))
+    finite = finite_mask(gramian)
+    sanitized = torch.where(finite[..., None, None], gramian, 0.0).to(work)
+    weights = (_balance_transformation(sanitized, mode) @ u.unsqueeze(-1)).squeeze(-1)
+    return torch.where(finite[..., None], weights.to(gramian.dtype), float("nan"))
 
 
 def aligned_mtl(

@@ -28,11 +28,10 @@ from torchjd_func.aggregation._base import (
     GramianWeighting,
     PureWeighting,
     check_gramian,
-    nan_if_nonfinite,
     stateless,
 )
 
-__all__ = ["IMTLG", "IMTLGWeighting", "imtlg", "imtlg_weights", "work_dtype"]
+__all__ = ["IMTLG", "IMTLGWeighting", "finite_mask", "imtlg", "imtlg_weights", "work_dtype"]
 
 _SUM_EPS = 1e-12
 """TorchJD's absolute threshold on ``|Σv|`` below which the weights are zero."""
@@ -44,11 +43,11 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def finite_or_zero(gramian: Tensor) -> Tensor:
-    """``gramian`` with each non-finite Gramian of the batch replaced by zeros (a decomposition of
-    a NaN matrix may raise; its result is replaced by NaN afterwards)."""
-    finite = gramian.isfinite().all(dim=-1).all(dim=-1)[..., None, None]
-    return torch.where(finite, gramian, torch.zeros_like(gramian))
+def finite_mask(gramian: Tensor) -> Tensor:
+    """``[...]`` bool: whether each Gramian ``[..., m, m]`` of the batch is all finite. A
+    decomposition of a NaN matrix may raise, so the kernels decompose zeros in its place and
+    give it NaN weights."""
+    return gramian.isfinite().all(dim=(-2, -1))
 
 
 def imtlg_weights(gramian: Tensor, *, differentiable: bool = False) -> Tensor:
@@ -80,14 +79,14 @@ def imtlg_weights(gramian: Tensor, *, differentiable: bool = False) -> Tensor:
     if not isinstance(differentiable, bool):
         raise TypeError(f"`differentiable` must be a bool, got {type(differentiable).__name__}.")
     g = gramian if differentiable else gramian.detach()
-    g = finite_or_zero(g).to(work_dtype(g.dtype))
+    finite = finite_mask(g)
+    g = torch.where(finite[..., None, None], g, 0.0).to(work_dtype(g.dtype))
     norms = g.diagonal(dim1=-2, dim2=-1).sqrt()
     v = (torch.linalg.pinv(g) @ norms.unsqueeze(-1)).squeeze(-1)
     total = v.sum(dim=-1, keepdim=True)
-    negligible = total.abs() < _SUM_EPS
-    safe_total = torch.where(negligible, torch.ones_like(total), total)
-    weights = torch.where(negligible, torch.zeros_like(v), v / safe_total)
-    return nan_if_nonfinite(gramian, weights.to(gramian.dtype))
+    kept = total.abs() >= _SUM_EPS
+    weights = torch.where(kept, v / torch.where(kept, total, 1.0), 0.0).to(gramian.dtype)
+    return torch.where(finite[..., None], weights, float("nan"))
 
 
 def imtlg(*, differentiable: bool = False) -> PureWeighting[EmptyState]:
