@@ -14,9 +14,13 @@ from torch import Tensor
 from tests.settings import DEVICE, DTYPE
 from torchjd_func.aggregation import (
     PureWeighting,
+    aligned_mtl,
     constant,
+    crmogm,
     dualproj,
     gradvac,
+    imtlg,
+    krum,
     mean,
     mgda,
     pcgrad,
@@ -45,6 +49,8 @@ class Entry:
     properties: frozenset[str]
     linearity_tol: float = 1e-4
     """Relative tolerance of the linearity check (UPGrad is linear only up to ``reg_eps``)."""
+    min_m: int = 1
+    """The fewest losses it takes (Krum needs ``n_byzantine + 3``); smaller inputs are skipped."""
 
     def __str__(self) -> str:
         return self.name
@@ -79,6 +85,29 @@ REGISTRY = [
     ),
     Entry("pcgrad", lambda m: pcgrad(seed=1), frozenset({STATEFUL})),
     Entry("gradvac", lambda m: gradvac(seed=2), frozenset({STATEFUL})),
+    Entry("imtlg", lambda m: imtlg(), frozenset({PERMUTATION_INVARIANT})),
+    Entry("aligned_mtl", lambda m: aligned_mtl(), frozenset({PERMUTATION_INVARIANT})),
+    Entry(
+        "aligned_mtl_median",
+        lambda m: aligned_mtl(scale_mode="median"),
+        frozenset({PERMUTATION_INVARIANT}),
+    ),
+    Entry("aligned_mtl_rmse_pref", lambda m: aligned_mtl(_pref(m), "rmse"), frozenset()),
+    Entry("krum", lambda m: krum(1), frozenset({SIMPLEX}), min_m=4),
+    Entry("multi_krum", lambda m: krum(0, 3), frozenset({SIMPLEX}), min_m=3),
+    Entry(
+        "crmogm_upgrad",
+        lambda m: crmogm(upgrad()),
+        frozenset({STATEFUL, NON_CONFLICTING, PERMUTATION_INVARIANT}),
+    ),
+    Entry("crmogm_gradvac", lambda m: crmogm(gradvac(seed=2), alpha=0.5), frozenset({STATEFUL})),
+    Entry(
+        "crmogm_mgda_initial",
+        lambda m: crmogm(
+            mgda(), initial_weights=torch.full((m,), 1 / m, dtype=DTYPE, device=DEVICE)
+        ),
+        frozenset({STATEFUL, SIMPLEX}),
+    ),
 ]
 
 

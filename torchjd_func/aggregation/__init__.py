@@ -26,6 +26,12 @@ from torchjd_func.aggregation._aggregate import (
     aggregate_groups,
     init_group_states,
 )
+from torchjd_func.aggregation._aligned_mtl import (
+    AlignedMTL,
+    AlignedMTLWeighting,
+    aligned_mtl,
+    aligned_mtl_weights,
+)
 from torchjd_func.aggregation._base import (
     Aggregator,
     EmptyState,
@@ -45,6 +51,7 @@ from torchjd_func.aggregation._constant import (
     constant,
     constant_weights,
 )
+from torchjd_func.aggregation._crmogm import CRMOGMState, CRMOGMWeighting, crmogm
 from torchjd_func.aggregation._dualproj import (
     DualProj,
     DualProjWeighting,
@@ -63,6 +70,7 @@ from torchjd_func.aggregation._gradvac import (
     pcgrad,
     pcgrad_weights,
 )
+from torchjd_func.aggregation._imtlg import IMTLG, IMTLGWeighting, imtlg, imtlg_weights
 from torchjd_func.aggregation._kinds import (
     CrossWeighting,
     JacobianAggregating,
@@ -73,6 +81,7 @@ from torchjd_func.aggregation._kinds import (
     cross_gramian,
     guard_nonfinite_jacobian,
 )
+from torchjd_func.aggregation._krum import Krum, KrumWeighting, krum, krum_weights
 from torchjd_func.aggregation._mean import Mean, MeanWeighting, mean, mean_weights
 from torchjd_func.aggregation._mgda import MGDA, MGDAWeighting, mgda, mgda_weights
 from torchjd_func.aggregation._random import (
@@ -87,9 +96,14 @@ from torchjd_func.aggregation._trimmed_mean import TrimmedMean, trimmed_mean, tr
 from torchjd_func.aggregation._upgrad import UPGrad, UPGradWeighting, upgrad, upgrad_weights
 
 __all__ = [
+    "IMTLG",
     "MGDA",
     "Aggregation",
     "Aggregator",
+    "AlignedMTL",
+    "AlignedMTLWeighting",
+    "CRMOGMState",
+    "CRMOGMWeighting",
     "Constant",
     "ConstantWeighting",
     "CrossWeighting",
@@ -103,12 +117,15 @@ __all__ = [
     "GramianWeightedAggregator",
     "GramianWeighting",
     "GroupAggregation",
+    "IMTLGWeighting",
     "InitFn",
     "JacobianAggregating",
     "JacobianAggregator",
     "JacobianInitFn",
     "JacobianUpdateFn",
     "JacobianWeighting",
+    "Krum",
+    "KrumWeighting",
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
@@ -128,8 +145,11 @@ __all__ = [
     "Weighting",
     "aggregate",
     "aggregate_groups",
+    "aligned_mtl",
+    "aligned_mtl_weights",
     "constant",
     "constant_weights",
+    "crmogm",
     "cross_gramian",
     "dualproj",
     "dualproj_weights",
@@ -137,7 +157,11 @@ __all__ = [
     "gradvac_weights",
     "guard_nonfinite",
     "guard_nonfinite_jacobian",
+    "imtlg",
+    "imtlg_weights",
     "init_group_states",
+    "krum",
+    "krum_weights",
     "mean",
     "mean_weights",
     "mgda",
