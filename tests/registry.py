@@ -19,6 +19,7 @@ from torchjd_func.aggregation import (
     gradvac,
     mean,
     mgda,
+    pcd,
     pcgrad,
     random_,
     sum_,
@@ -79,6 +80,10 @@ REGISTRY = [
     ),
     Entry("pcgrad", lambda m: pcgrad(seed=1), frozenset({STATEFUL})),
     Entry("gradvac", lambda m: gradvac(seed=2), frozenset({STATEFUL})),
+    # Row 0 is the primary objective: not permutation invariant, and no row is protected from
+    # conflict (the secondary ones only get a fraction τ of their own progress).
+    Entry("pcd", lambda m: pcd(), frozenset({STATEFUL})),
+    Entry("pcd_tau", lambda m: pcd(0.5, beta=0.9), frozenset({STATEFUL})),
 ]
 
 

@@ -65,6 +65,14 @@ from torchjd_func.aggregation._gradvac import (
 )
 from torchjd_func.aggregation._mean import Mean, MeanWeighting, mean, mean_weights
 from torchjd_func.aggregation._mgda import MGDA, MGDAWeighting, mgda, mgda_weights
+from torchjd_func.aggregation._pcd import (
+    PCD,
+    PCDState,
+    PCDWeighting,
+    pcd,
+    pcd_scales,
+    pcd_weights,
+)
 from torchjd_func.aggregation._random import (
     Random,
     RandomState,
@@ -77,6 +85,7 @@ from torchjd_func.aggregation._upgrad import UPGrad, UPGradWeighting, upgrad, up
 
 __all__ = [
     "MGDA",
+    "PCD",
     "Aggregation",
     "Aggregator",
     "Constant",
@@ -95,6 +104,8 @@ __all__ = [
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "PCDState",
+    "PCDWeighting",
     "PCGrad",
     "PCGradWeighting",
     "PureWeighting",
@@ -122,6 +133,9 @@ __all__ = [
     "mean_weights",
     "mgda",
     "mgda_weights",
+    "pcd",
+    "pcd_scales",
+    "pcd_weights",
     "pcgrad",
     "pcgrad_weights",
     "random_",
