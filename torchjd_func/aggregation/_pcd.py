@@ -111,7 +111,12 @@ def _taus(tau: float | Tensor, m: int, device: torch.device) -> Tensor:
 
 
 def _step(
-    gramian: Tensor, b: Tensor, atol: Tensor, dependence_tol: float, carry: tuple[Tensor, ...]
+    gramian: Tensor,
+    b: Tensor,
+    atol: Tensor,
+    dependence_tol: float,
+    eye: Tensor,
+    carry: tuple[Tensor, ...],
 ) -> tuple[Tensor, ...]:
     """One iteration of the dual active-set method, for every problem of the batch.
 
@@ -120,6 +125,7 @@ def _step(
     ``done`` and ``infeasible`` ``[...]``. One iteration is one pass of TorchJD's inner loop,
     preceded, when no constraint is pending, by its outer loop's choice of the most violated one
     (or the end). A finished problem is left as it is (so stopping early changes nothing).
+    ``eye``: the identity ``[n, n]`` (hoisted out of the loop).
     """
     mu, active, pending, slack_p, done, infeasible = carry
     zeros = torch.zeros_like(mu)
@@ -130,7 +136,7 @@ def _step(
     smallest = slacks.gather(-1, chosen)[..., 0]
     has_pending = pending.any(dim=-1)
     done = done | (~has_pending & (smallest >= -atol))
-    positions = torch.arange(n, device=mu.device)
+    positions = torch.arange(n, device=mu.device)  # (a constant under torch.compile)
     p = torch.where(has_pending[..., None], pending, positions == chosen)
     slack_p = torch.where(has_pending, slack_p, smallest)
 
@@ -140,7 +146,6 @@ def _step(
     row = (p_float[..., None, :] @ gramian)[..., 0, :]
     # G_AA padded with the identity (the inactive rows are decoupled, so r = 0 there).
     both = active[..., :, None] & active[..., None, :]
-    eye = torch.diag_embed(torch.ones_like(mu))
     system = torch.where(both, gramian, eye)
     r = torch.linalg.solve_ex(system, torch.where(active, column, zeros))[0]
     g_pp = (column * p_float).sum(dim=-1)
@@ -193,6 +198,14 @@ def _dual_active_set(
     b = taus * secondary.diagonal(dim1=-2, dim2=-1) - gramian[..., 1:, 0]
     largest = gramian.diagonal(dim1=-2, dim2=-1).amax(dim=-1)
     atol = _TOL * largest.clamp_min(torch.finfo(_DTYPE).tiny)
+    if m == 2 and max_iters > 0:
+        # One constraint: the method's single step in closed form (the same arithmetic). It is
+        # never infeasible: a zero g_2 (the only dependent one) satisfies it.
+        g_22 = secondary[..., 0]
+        added = (b > atol[..., None]) & (g_22 > dependence_tol * g_22)
+        safe = torch.where(added, g_22, torch.ones_like(g_22))
+        return torch.cat([ones, torch.where(added, b / safe, torch.zeros_like(b))], dim=-1)
+    eye = torch.eye(m - 1, dtype=_DTYPE, device=gramian.device)
     flags = torch.zeros_like(atol, dtype=torch.bool)
     carry: tuple[Tensor, ...] = (
         torch.zeros_like(b),
@@ -204,7 +217,7 @@ def _dual_active_set(
     )
 
     def step(state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        return _step(secondary, b, atol, dependence_tol, state)
+        return _step(secondary, b, atol, dependence_tol, eye, state)
 
     # Under vmap no flag can be read: the whole budget runs (finished problems stay frozen, so
     # every form of the loop gives the same values).
