@@ -511,3 +511,20 @@ def test_scales_follow_torchjd_debiasing() -> None:
         expected = 1 / (ema / (1 - beta**t) + eps).sqrt()
         torch.testing.assert_close(scales, expected, rtol=1e-14, atol=0)
         assert int(state.n_steps) == t
+
+
+def test_dtype_conversions_keep_the_float64_ema_and_tau() -> None:
+    # (TorchJD's `.half()` rounds its EMA buffer to float16; here the run goes on unchanged.)
+    tau = torch.tensor([0.1, 0.2], dtype=F64)
+    ours, reference = PCD(tau=tau), PCD(tau=tau)
+    matrices = _sequence("conflicting", 3, steps=4)
+    for matrix in matrices[:2]:
+        assert torch.equal(ours(matrix), reference(matrix))
+    ours.half()
+    assert ours.state.sq_norm_ema.dtype == F64
+    assert isinstance(ours.tau, Tensor)
+    assert ours.tau.dtype == F64
+    ours.to("cpu")
+    for matrix in matrices[2:]:
+        assert torch.equal(ours(matrix), reference(matrix))
+    assert int(ours.state.n_steps) == 4

@@ -21,6 +21,7 @@ once, what TorchJD's Python loop does for one (one masked ``(m − 1) × (m − 
 """
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -490,6 +491,19 @@ class PCDWeighting(GramianWeighting):
 
     def _weights_for_no_loss(self, gramian: Tensor) -> Tensor:
         return gramian.new_zeros(0)  # as TorchJD, and the state is untouched
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "PCDWeighting":
+        # `.to(device)` moves the EMA and a Tensor `tau`; a dtype conversion (`.half()`) changes
+        # neither: the EMA stays float64 and `tau` keeps its values (TorchJD's `tau` is not a
+        # buffer either; its EMA buffer is rounded to the new dtype, then used in float64).
+        tau, state = self.tau, self.state
+        super()._apply(fn, recurse)
+        if isinstance(tau, Tensor):
+            self._set_hyperparameters(tau=tau.to(device=fn(tau).device))
+        if isinstance(state, PCDState):
+            device = fn(state.n_steps).device
+            self.state = PCDState(state.sq_norm_ema.to(device), state.n_steps.to(device))
+        return self
 
 
 class PCD(GramianWeightedAggregator):
