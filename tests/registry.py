@@ -23,6 +23,7 @@ from torchjd_func.aggregation import (
     krum,
     mean,
     mgda,
+    pcd,
     pcgrad,
     random_,
     sum_,
@@ -108,6 +109,10 @@ REGISTRY = [
         ),
         frozenset({STATEFUL, SIMPLEX}),
     ),
+    # Row 0 is the primary objective: not permutation invariant, and no row is protected from
+    # conflict (the secondary ones only get a fraction τ of their own progress).
+    Entry("pcd", lambda m: pcd(), frozenset({STATEFUL})),
+    Entry("pcd_tau", lambda m: pcd(0.5, beta=0.9), frozenset({STATEFUL})),
 ]
 
 

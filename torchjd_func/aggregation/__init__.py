@@ -84,6 +84,14 @@ from torchjd_func.aggregation._kinds import (
 from torchjd_func.aggregation._krum import Krum, KrumWeighting, krum, krum_weights
 from torchjd_func.aggregation._mean import Mean, MeanWeighting, mean, mean_weights
 from torchjd_func.aggregation._mgda import MGDA, MGDAWeighting, mgda, mgda_weights
+from torchjd_func.aggregation._pcd import (
+    PCD,
+    PCDState,
+    PCDWeighting,
+    pcd,
+    pcd_scales,
+    pcd_weights,
+)
 from torchjd_func.aggregation._random import (
     Random,
     RandomState,
@@ -98,6 +106,7 @@ from torchjd_func.aggregation._upgrad import UPGrad, UPGradWeighting, upgrad, up
 __all__ = [
     "IMTLG",
     "MGDA",
+    "PCD",
     "Aggregation",
     "Aggregator",
     "AlignedMTL",
@@ -129,6 +138,8 @@ __all__ = [
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "PCDState",
+    "PCDWeighting",
     "PCGrad",
     "PCGradWeighting",
     "PureWeighting",
@@ -166,6 +177,9 @@ __all__ = [
     "mean_weights",
     "mgda",
     "mgda_weights",
+    "pcd",
+    "pcd_scales",
+    "pcd_weights",
     "pcgrad",
     "pcgrad_weights",
     "random_",
