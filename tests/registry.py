@@ -14,12 +14,17 @@ from torch import Tensor
 from tests.settings import DEVICE, DTYPE
 from torchjd_func.aggregation import (
     PureWeighting,
+    aligned_mtl,
     config_weights,
     constant,
+    crmogm,
     dualproj,
     gradvac,
+    imtlg,
+    krum,
     mean,
     mgda,
+    pcd,
     pcgrad,
     random_,
     stateless,
@@ -47,6 +52,8 @@ class Entry:
     properties: frozenset[str]
     linearity_tol: float = 1e-4
     """Relative tolerance of the linearity check (UPGrad is linear only up to ``reg_eps``)."""
+    min_m: int = 1
+    """The fewest losses it takes (Krum needs ``n_byzantine + 3``); smaller inputs are skipped."""
 
     def __str__(self) -> str:
         return self.name
@@ -83,6 +90,33 @@ REGISTRY = [
     Entry("gradvac", lambda m: gradvac(seed=2), frozenset({STATEFUL})),
     # ConFIG's exact effective weights are a function of the Gramian (docs/methods/jacobian.md).
     Entry("config", lambda m: stateless(config_weights), frozenset({PERMUTATION_INVARIANT})),
+    Entry("imtlg", lambda m: imtlg(), frozenset({PERMUTATION_INVARIANT})),
+    Entry("aligned_mtl", lambda m: aligned_mtl(), frozenset({PERMUTATION_INVARIANT})),
+    Entry(
+        "aligned_mtl_median",
+        lambda m: aligned_mtl(scale_mode="median"),
+        frozenset({PERMUTATION_INVARIANT}),
+    ),
+    Entry("aligned_mtl_rmse_pref", lambda m: aligned_mtl(_pref(m), "rmse"), frozenset()),
+    Entry("krum", lambda m: krum(1), frozenset({SIMPLEX}), min_m=4),
+    Entry("multi_krum", lambda m: krum(0, 3), frozenset({SIMPLEX}), min_m=3),
+    Entry(
+        "crmogm_upgrad",
+        lambda m: crmogm(upgrad()),
+        frozenset({STATEFUL, NON_CONFLICTING, PERMUTATION_INVARIANT}),
+    ),
+    Entry("crmogm_gradvac", lambda m: crmogm(gradvac(seed=2), alpha=0.5), frozenset({STATEFUL})),
+    Entry(
+        "crmogm_mgda_initial",
+        lambda m: crmogm(
+            mgda(), initial_weights=torch.full((m,), 1 / m, dtype=DTYPE, device=DEVICE)
+        ),
+        frozenset({STATEFUL, SIMPLEX}),
+    ),
+    # Row 0 is the primary objective: not permutation invariant, and no row is protected from
+    # conflict (the secondary ones only get a fraction τ of their own progress).
+    Entry("pcd", lambda m: pcd(), frozenset({STATEFUL})),
+    Entry("pcd_tau", lambda m: pcd(0.5, beta=0.9), frozenset({STATEFUL})),
 ]
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 _NAMES = itertools.count()
 BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 
 BLOCKS = [
-    pytest.param(code, id=f"{path.name}-{i}")
+    pytest.param(code, id=f"{path.relative_to(ROOT)}-{i}")
     for path in DOCUMENTS
     for i, code in enumerate(BLOCK.findall(path.read_text()))
 ]

@@ -26,6 +26,12 @@ from torchjd_func.aggregation._aggregate import (
     aggregate_groups,
     init_group_states,
 )
+from torchjd_func.aggregation._aligned_mtl import (
+    AlignedMTL,
+    AlignedMTLWeighting,
+    aligned_mtl,
+    aligned_mtl_weights,
+)
 from torchjd_func.aggregation._base import (
     Aggregator,
     EmptyState,
@@ -46,6 +52,7 @@ from torchjd_func.aggregation._constant import (
     constant,
     constant_weights,
 )
+from torchjd_func.aggregation._crmogm import CRMOGMState, CRMOGMWeighting, crmogm
 from torchjd_func.aggregation._cross import CrossGramianWeighting
 from torchjd_func.aggregation._dualproj import (
     DualProj,
@@ -73,6 +80,7 @@ from torchjd_func.aggregation._gradvac import (
     pcgrad,
     pcgrad_weights,
 )
+from torchjd_func.aggregation._imtlg import IMTLG, IMTLGWeighting, imtlg, imtlg_weights
 from torchjd_func.aggregation._kinds import (
     CrossWeighting,
     JacobianAggregating,
@@ -83,9 +91,18 @@ from torchjd_func.aggregation._kinds import (
     cross_gramian,
     guard_nonfinite_jacobian,
 )
+from torchjd_func.aggregation._krum import Krum, KrumWeighting, krum, krum_weights
 from torchjd_func.aggregation._mean import Mean, MeanWeighting, mean, mean_weights
 from torchjd_func.aggregation._mgda import MGDA, MGDAWeighting, mgda, mgda_weights
 from torchjd_func.aggregation._modo import MoDoState, MoDoWeighting, modo, modo_weights
+from torchjd_func.aggregation._pcd import (
+    PCD,
+    PCDState,
+    PCDWeighting,
+    pcd,
+    pcd_scales,
+    pcd_weights,
+)
 from torchjd_func.aggregation._random import (
     Random,
     RandomState,
@@ -104,9 +121,15 @@ from torchjd_func.aggregation._trimmed_mean import TrimmedMean, trimmed_mean, tr
 from torchjd_func.aggregation._upgrad import UPGrad, UPGradWeighting, upgrad, upgrad_weights
 
 __all__ = [
+    "IMTLG",
     "MGDA",
+    "PCD",
     "Aggregation",
     "Aggregator",
+    "AlignedMTL",
+    "AlignedMTLWeighting",
+    "CRMOGMState",
+    "CRMOGMWeighting",
     "ConFIG",
     "Constant",
     "ConstantWeighting",
@@ -126,17 +149,22 @@ __all__ = [
     "GramianWeightedAggregator",
     "GramianWeighting",
     "GroupAggregation",
+    "IMTLGWeighting",
     "InitFn",
     "JacobianAggregating",
     "JacobianAggregator",
     "JacobianInitFn",
     "JacobianUpdateFn",
     "JacobianWeighting",
+    "Krum",
+    "KrumWeighting",
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
     "MoDoState",
     "MoDoWeighting",
+    "PCDState",
+    "PCDWeighting",
     "PCGrad",
     "PCGradWeighting",
     "PureWeighting",
@@ -155,10 +183,13 @@ __all__ = [
     "Weighting",
     "aggregate",
     "aggregate_groups",
+    "aligned_mtl",
+    "aligned_mtl_weights",
     "config",
     "config_weights",
     "constant",
     "constant_weights",
+    "crmogm",
     "cross_gramian",
     "dualproj",
     "dualproj_weights",
@@ -170,13 +201,20 @@ __all__ = [
     "gradvac_weights",
     "guard_nonfinite",
     "guard_nonfinite_jacobian",
+    "imtlg",
+    "imtlg_weights",
     "init_group_states",
+    "krum",
+    "krum_weights",
     "mean",
     "mean_weights",
     "mgda",
     "mgda_weights",
     "modo",
     "modo_weights",
+    "pcd",
+    "pcd_scales",
+    "pcd_weights",
     "pcgrad",
     "pcgrad_weights",
     "random_",

@@ -167,15 +167,73 @@ class _Guarded(Generic[S]):
     def __call__(self, gramian: Tensor, state: S, /) -> tuple[Tensor, S]:
         weights, new_state = self.update(gramian, state)
         skip = gramian.isfinite().logical_not().any()
-        kept = [
-            torch.where(skip, old.to(new.dtype), new)
-            if isinstance(new, Tensor) and isinstance(old, Tensor)
-            else new
-            for old, new in zip(state, new_state, strict=True)
-        ]
-        # A state is a NamedTuple of tensors: rebuilt field by field, it has its type.
-        rebuilt: S = type(new_state)(*kept)  # type: ignore[arg-type]
-        return nan_if_nonfinite(gramian, weights), rebuilt
+        return nan_if_nonfinite(gramian, weights), _keep_where(skip, state, new_state)
+
+
+def is_state(value: object) -> bool:
+    """Whether ``value`` is a state: a ``NamedTuple`` (of tensors, or of nested states)."""
+    return isinstance(value, tuple) and hasattr(value, "_fields")
+
+
+def _keep_where(skip: Tensor, old: Any, new: Any) -> Any:
+    """``new`` with each tensor replaced by ``old``'s where ``skip``, into nested states (a
+    wrapping weighting's state holds the wrapped one's, e.g. ``CRMOGMState.inner``)."""
+    if isinstance(new, Tensor) and isinstance(old, Tensor):
+        return torch.where(skip, old.to(new.dtype), new)
+    if is_state(new) and type(old) is type(new):
+        # Rebuilt field by field, a NamedTuple keeps its type.
+        return type(new)(*(_keep_where(skip, o, n) for o, n in zip(old, new, strict=True)))
+    return new
+
+
+def map_state(fn: Callable[[Tensor], Tensor], state: Any) -> Any:
+    """``state`` with ``fn`` applied to each of its tensors, into nested states."""
+    if isinstance(state, Tensor):
+        return fn(state)
+    if is_state(state):
+        return type(state)(*(map_state(fn, value) for value in state))
+    return state
+
+
+def _state_mismatch(have: Any, want: Any, path: str) -> str:
+    """``""`` if ``have`` has the structure, shapes, dtypes and devices of ``want``, else what
+    differs (``path``: the dotted field name, ``""`` at the top)."""
+    if is_state(want):
+        if type(have) is not type(want):
+            where = f"`{path}` is " if path else ""
+            return f"{where}a {type(have).__name__}, expected a {type(want).__name__}"
+        for field, have_value, want_value in zip(want._fields, have, want, strict=True):
+            problem = _state_mismatch(have_value, want_value, f"{path}.{field}" if path else field)
+            if problem:
+                return problem
+        return ""
+    if not isinstance(have, Tensor) or (
+        (have.shape, have.dtype, have.device) != (want.shape, want.dtype, want.device)
+    ):
+        got = _describe(have) if isinstance(have, Tensor) else type(have).__name__
+        return f"`{path}` is {got}, expected {_describe(want)}"
+    return ""
+
+
+def _as_fields(state: Any) -> Any:
+    """A state as ``{field: tensor}`` (nested states as nested dicts), for ``state_dict()``."""
+    if is_state(state):
+        return {field: _as_fields(value) for field, value in zip(state._fields, state, strict=True)}
+    return state
+
+
+def _from_fields(template: Any, fields: dict[str, Any]) -> Any:
+    """The state of ``template``'s type (nested types too) from :func:`_as_fields`' dict.
+
+    Raises:
+        TypeError: the fields are not those of ``template``'s type.
+    """
+    values = {}
+    for name, value in fields.items():
+        inner = getattr(template, name, None)
+        nested = is_state(inner) and isinstance(value, dict)
+        values[name] = _from_fields(inner, value) if nested else value
+    return type(template)(**values)
 
 
 class _StatelessInit:
@@ -368,7 +426,7 @@ class _PureHolder(nn.Module):
     when assigned, saved in ``state_dict()``, moved by ``.to(...)`` and pickled.
 
     Subclasses define ``_build`` (the pair of some arguments), ``_fresh`` (the initial state for
-    an input signature) and ``_template`` (the state's type).
+    an input signature) and ``_state_template`` (a state of its type).
     """
 
     _kind_name: ClassVar[str] = "PureWeighting"
@@ -399,8 +457,9 @@ class _PureHolder(nn.Module):
         """The initial state for an input of this signature."""
         raise NotImplementedError
 
-    def _template(self) -> type:
-        """The type of the state (a NamedTuple)."""
+    def _state_template(self) -> Any:
+        """A state of the wrapped pair's type (nested types included): the structure
+        :meth:`set_extra_state` rebuilds a saved state into."""
         raise NotImplementedError
 
     def _set_hyperparameters(self, **changes: Any) -> None:
@@ -437,16 +496,7 @@ class _PureHolder(nn.Module):
     def _check_assigned(self, state: Any, signature: tuple[Any, ...], describe: str) -> None:
         """Checks an assigned state against the one ``init`` makes for the input's signature."""
         expected = self._fresh(signature)
-        problem = f"a {type(state).__name__}, expected a {type(expected).__name__}"
-        if type(state) is type(expected):
-            problem = ""
-            for field, have, want in zip(expected._fields, state, expected, strict=True):
-                if not isinstance(have, Tensor) or (
-                    (have.shape, have.dtype, have.device) != (want.shape, want.dtype, want.device)
-                ):
-                    got = _describe(have) if isinstance(have, Tensor) else type(have).__name__
-                    problem = f"`{field}` is {got}, expected {_describe(want)}"
-                    break
+        problem = _state_mismatch(state, expected, "")
         if problem:
             raise ValueError(
                 f"The state assigned to {type(self).__name__} (or loaded, or moved with "
@@ -460,11 +510,9 @@ class _PureHolder(nn.Module):
         self.state = None
 
     def get_extra_state(self) -> dict[str, Any]:
-        """The state for ``state_dict()``: ``{"state": None}`` or ``{"state": {field: tensor}}``."""
-        state = self._state
-        if state is None or not hasattr(state, "_asdict"):
-            return {"state": state}
-        return {"state": dict(state._asdict())}
+        """The state for ``state_dict()``: ``{"state": None}`` or ``{"state": {field: tensor}}``
+        (a nested state, e.g. ``CRMOGMState.inner``, as a nested dict)."""
+        return {"state": _as_fields(self._state)}
 
     def set_extra_state(self, extra: Any) -> None:
         """Restores a state from ``load_state_dict()``; it is checked at the next call."""
@@ -477,13 +525,13 @@ class _PureHolder(nn.Module):
         if not isinstance(fields, dict):
             self.state = fields
             return
-        template = self._template()
+        template = self._state_template()
         try:
-            self.state = template(**fields)
+            self.state = _from_fields(template, fields)
         except TypeError as error:
             raise ValueError(
                 f"The saved state has fields {sorted(fields)}, but {type(self).__name__} keeps a "
-                f"{template.__name__}: load a state_dict saved from the same class."
+                f"{type(template).__name__}: load a state_dict saved from the same class."
             ) from error
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "_PureHolder":
@@ -496,10 +544,8 @@ class _PureHolder(nn.Module):
                     if isinstance(value, Tensor)
                 }
             )
-        state = self._state
-        if state is not None and isinstance(state, tuple):
-            moved = [fn(value) if isinstance(value, Tensor) else value for value in state]
-            self.state = type(state)(*moved)
+        if is_state(self._state):
+            self.state = map_state(fn, self._state)
         return self
 
     def __getstate__(self) -> dict[str, Any]:
@@ -566,8 +612,8 @@ class GramianWeighting(_PureHolder, Weighting):
         m, dtype, device = signature
         return self.pure.init(m, dtype=dtype, device=device)
 
-    def _template(self) -> type:
-        return type(self.pure.init(1))
+    def _state_template(self) -> Any:
+        return self.pure.init(1)
 
     def _weights_for_no_loss(self, gramian: Tensor) -> Tensor:
         """The weights ``[0]`` of a ``[0, 0]`` Gramian (TorchJD's behaviour differs by method)."""

@@ -42,8 +42,8 @@ class CrossGramianWeighting(_PureHolder, Weighting):
         m, dtype, device = signature
         return self.pure.init(m, dtype=dtype, device=device)
 
-    def _template(self) -> type:
-        return type(self.pure.init(1))
+    def _state_template(self) -> Any:
+        return self.pure.init(1)
 
     def forward(self, cross_gramian: Tensor, /) -> Tensor:
         if (

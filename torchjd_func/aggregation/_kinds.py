@@ -29,6 +29,7 @@ from torchjd_func.aggregation._base import (
     S,
     UpdateFn,
     Weighting,
+    _keep_where,
     _PureHolder,
     _S_co,
 )
@@ -241,15 +242,8 @@ class _GuardedJacobian(Generic[S]):
         out = cast(TensorDict, out.apply(poison))
         if weights is not None:
             weights = poison(weights)
-        kept = [
-            torch.where(skip, old.to(new.dtype), new)
-            if isinstance(new, Tensor) and isinstance(old, Tensor)
-            else new
-            for old, new in zip(state, new_state, strict=True)
-        ]
-        # A state is a NamedTuple of tensors: rebuilt field by field, it has its type.
-        rebuilt: S = type(new_state)(*kept)  # type: ignore[arg-type]
-        return out, weights, rebuilt
+        kept: S = _keep_where(skip, state, new_state)
+        return out, weights, kept
 
 
 _KINDS: dict[type, str] = {
@@ -285,8 +279,8 @@ class _JacobianHolder(_PureHolder):
         m, n, dtype, device = signature
         return self.pure.init(_matrix_params(n, dtype, device), m)
 
-    def _template(self) -> type:
-        return type(self.pure.init(_matrix_params(1, torch.float32, torch.device("cpu")), 1))
+    def _state_template(self) -> Any:
+        return self.pure.init(_matrix_params(1, torch.float32, torch.device("cpu")), 1)
 
     def _run(self, matrix: Tensor) -> tuple[TensorDict, Tensor | None]:
         if not matrix.is_floating_point():
